@@ -16,6 +16,11 @@ from typing import Annotated
 import click
 import typer
 
+try:  # typer >= 0.20 bundles its own copy of click; catch both copies' exceptions
+    from typer._click import exceptions as _typer_click
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _typer_click = click.exceptions
+
 from llm_installer import __version__
 from llm_installer.errors import UserError
 
@@ -85,15 +90,15 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print_exception()
         err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True, markup=True, highlight=False)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         err_console.print("[red]aborted[/red]")
         sys.exit(130)
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]")
         sys.exit(130)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except (click.ClickException, _typer_click.ClickException) as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug: one line by default, the traceback with --debug

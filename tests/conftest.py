@@ -77,3 +77,48 @@ def tiny_model_factory(tmp_path_factory, smollm2_tokenizer_dir):
         return cache[family]
 
     return build
+
+
+@pytest.fixture
+def hub_server(tmp_path, monkeypatch):
+    """A local Hugging Face Hub stand-in (tests/hub_server.py) with HF_ENDPOINT pointing at it.
+
+    huggingface_hub reads its endpoint and offline flag from the environment at import time, so the
+    fixture also patches its `constants` module for a process that imported it already.
+    """
+    from tests.hub_server import HubServer
+
+    server = HubServer().start()
+    env = {
+        "HF_ENDPOINT": server.url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    try:
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HOME", env["HF_HOME"])
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+    except ImportError:
+        pass
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub_small_model(hub_server, tiny_model_factory):
+    """`test/small-model` on the local Hub: the tiny random llama of tests/tiny.py (with SmolLM2's tokenizer)."""
+    hub_server.add_repo("test/small-model", tiny_model_factory("llama"))
+    return hub_server

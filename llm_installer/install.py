@@ -1,0 +1,333 @@
+"""Install a model into the store from any source, atomically.
+
+`install_model(ref)` resolves `ref` (the bundled name, a .gguf file, a local folder or a Hub id), builds
+the install in `<models_dir>/.partial-<folder>`, detects the model, writes the manifest and the
+train.sh/start.sh wrappers, and only then renames the folder into place, so a failed or interrupted
+install never leaves a half-written model where `list`, `train` or `start` would pick it up. A re-run
+after Ctrl-C reuses the partial folder of a Hub download: files already complete are not fetched again.
+A file lock keeps two installs of the same model from racing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from llm_installer import store
+from llm_installer.console import err_console
+from llm_installer.errors import InvalidNameError, SourceError, UserError
+from llm_installer.model_info import ModelInfo
+from llm_installer.sources import bundled
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SOURCE_MARKER = ".source.json"  # in a partial folder: which source it was being built from
+
+
+@dataclass(frozen=True)
+class ResolvedRef:
+    """What a user's model reference points at."""
+
+    kind: str  # bundled | gguf | local | hub
+    ref: str
+    model_id: str
+    default_name: str
+    path: Path | None = None
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~")) or ref.endswith(".gguf") or ref.count("/") > 1 or "\\" in ref
+
+
+def resolve_ref(ref: str) -> ResolvedRef:
+    """Classify `ref`: bundled name, existing .gguf file, existing local folder, else a Hub id."""
+    ref = ref.strip()
+    if not ref:
+        raise UserError(
+            "no model given: pass a Hub id ('org/name'), a folder, a .gguf file or smollm2-135m-instruct"
+        )
+    if ref == bundled.BUNDLED_NAME:
+        return ResolvedRef("bundled", ref, bundled.BUNDLED_UPSTREAM_ID, bundled.BUNDLED_NAME)
+    path = Path(ref).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise SourceError(
+                f"{ref} is a file but not a .gguf file; pass a .gguf file, a model folder or a Hub id"
+            )
+        return ResolvedRef("gguf", ref, path.stem, path.stem, path.resolve())
+    if path.is_dir():
+        resolved = path.resolve()
+        return ResolvedRef("local", ref, resolved.name, resolved.name, resolved)
+    if _looks_like_path(ref):
+        raise SourceError(f"{ref}: no such folder or .gguf file; check the path")
+    store.folder_name(ref)  # refuses traversal and odd characters with the store's own message
+    if not _HUB_ID.match(ref):
+        raise SourceError(
+            f"{ref!r} is not the bundled model ({bundled.BUNDLED_NAME}), an existing folder or .gguf file, "
+            "nor a Hub id ('org/name')"
+        )
+    return ResolvedRef("hub", ref, ref, ref)
+
+
+def _say(message: str) -> None:
+    err_console.print(message, soft_wrap=True, highlight=False)
+
+
+def _check_disk(needed_bytes: int, where: Path) -> None:
+    from llm_installer.hardware import disk_free_gb
+
+    free = disk_free_gb(where)
+    needed = needed_bytes / 1024**3
+    if needed > free * 0.98:
+        raise UserError(
+            f"not enough disk space in {where}: the model needs {needed:.1f} GiB, {free:.1f} GiB free; "
+            "free some space or pass --models-dir on a larger disk"
+        )
+
+
+def _prepare_partial(partial: Path, marker: dict) -> None:
+    """Reuse a partial folder built from the same source (a resumed Hub download), else start clean."""
+    marker_path = partial / _SOURCE_MARKER
+    if partial.exists():
+        try:
+            same = json.loads(marker_path.read_text(encoding="utf-8")) == marker
+        except (OSError, ValueError):
+            same = False
+        if same and marker.get("kind") == "hub":
+            _say(f"resuming the earlier install in {partial}")
+            return
+        shutil.rmtree(partial)
+    (partial / store.MODEL_SUBDIR).mkdir(parents=True)
+    marker_path.write_text(json.dumps(marker), encoding="utf-8")
+
+
+def _fetch_hub(
+    src: ResolvedRef, revision: str | None, dest: Path, *, allow_pickle: bool, trust_remote_code: bool
+):
+    from llm_installer.detect import read_json
+    from llm_installer.sources import hub
+    from llm_installer.sources.files import select_files
+
+    info = hub.model_info(src.ref, revision)
+    sha = info.sha
+    siblings = {s.rfilename: (s.size or 0) for s in (info.siblings or [])}
+    if "config.json" not in siblings and "model_index.json" not in siblings:
+        ggufs = [n for n in siblings if n.endswith(".gguf")]
+        hint = (
+            f"; it holds GGUF files ({ggufs[0]}, ...): download one and install the .gguf file"
+            if ggufs
+            else ""
+        )
+        raise SourceError(f"{src.ref} has no config.json, so it is not a transformers model{hint}")
+    sel = select_files(list(siblings), allow_pickle=allow_pickle, what=src.ref)
+    if not sel.weights and "model_index.json" not in siblings:
+        raise SourceError(f"{src.ref} has no weight files (*.safetensors) at revision {revision or 'main'}")
+    if "config.json" in siblings:  # before any weights: refuse remote code early
+        hub.download_file(src.ref, "config.json", sha, dest)
+        _check_remote_code(read_json(dest / "config.json"), src.ref, trust_remote_code)
+    _check_disk(sum(siblings[f] for f in sel.files), dest)
+    skipped = len(sel.skipped)
+    _say(
+        f"downloading {len(sel.files)} files of {src.ref} at {revision or 'main'} ({sha[:10]})"
+        + (f"; skipping {skipped} not needed" if skipped else "")
+    )
+    hub.download(src.ref, sha, sel.files, dest, sizes=siblings)
+    return sha
+
+
+def _check_remote_code(config: dict, what: str, trust_remote_code: bool) -> None:
+    from llm_installer.detect import _known_model_types
+
+    if (
+        config.get("auto_map")
+        and str(config.get("model_type")) not in _known_model_types()
+        and not trust_remote_code
+    ):
+        raise SourceError(
+            f"{what} needs custom Python code from its repository (model_type {config.get('model_type')!r} is not "
+            "built into transformers); read that code, then pass --trust-remote-code to allow it"
+        )
+
+
+def _fetch(
+    src: ResolvedRef,
+    revision: str | None,
+    dest: Path,
+    *,
+    link: bool,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+) -> str | None:
+    """Put the model's files into `dest` (partial/model); returns the revision to record."""
+    if src.kind == "hub":
+        return _fetch_hub(src, revision, dest, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if src.kind == "local":
+        from llm_installer.detect import read_json
+        from llm_installer.sources.local import copy_files, select_local
+
+        assert src.path is not None
+        sel = select_local(src.path, allow_pickle=allow_pickle)
+        if (src.path / "config.json").is_file():
+            _check_remote_code(read_json(src.path / "config.json"), str(src.path), trust_remote_code)
+        if not link:
+            _check_disk(sum((src.path / f).stat().st_size for f in sel.files), dest)
+        _say(f"{'linking' if link else 'copying'} {len(sel.files)} files from {src.path}")
+        copy_files(src.path, sel.files, dest, link=link)
+        return None
+    from llm_installer.sources.gguf import convert_gguf
+
+    if src.kind == "bundled":
+        gguf_path = bundled.bundled_gguf_path()
+        from importlib import metadata
+
+        rev = f"{bundled.BUNDLED_DIST}=={metadata.version(bundled.BUNDLED_DIST)}"
+    else:
+        from llm_installer.sources.gguf import read_gguf_metadata
+
+        assert src.path is not None
+        gguf_path, rev = src.path, None
+        read_gguf_metadata(gguf_path)  # a clear error for a file that is not GGUF, before loading anything
+    _check_disk(gguf_path.stat().st_size * 8, dest)  # dequantised to float32
+    with err_console.status(f"dequantising {gguf_path.name} to safetensors (about 20 s for 135M parameters)"):
+        try:
+            convert_gguf(gguf_path, dest)
+        except (ValueError, OSError, KeyError, RuntimeError) as exc:
+            raise SourceError(
+                f"cannot convert {gguf_path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                "transformers must support the GGUF architecture and quantisation"
+            ) from None
+    return rev
+
+
+def _write_info(partial: Path, info: ModelInfo, src: ResolvedRef, revision: str | None) -> None:
+    from llm_installer import __version__
+
+    files = store.build_manifest_files(partial / store.MODEL_SUBDIR)
+    manifest = {
+        "source": src.kind,
+        "ref": src.ref if src.kind in ("hub", "bundled") else str(src.path),
+        "revision": revision,
+        "installed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": files,
+        "tool_version": __version__,
+    }
+    payload = {"info": info.model_dump(mode="json"), "manifest": manifest}
+    tmp = partial / (store.INFO_FILE + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    os.replace(tmp, partial / store.INFO_FILE)
+
+
+def _move_into_place(partial: Path, target: Path, model_id: str) -> None:
+    """Rename the finished partial folder to `target`; an old install is swapped out, then deleted.
+
+    A reinstall of the same model keeps its trained adapter (`lora/`) and `runs/`.
+    """
+    if not target.exists():
+        os.replace(partial, target)
+        return
+    old_folder = store.ModelFolder(target)
+    try:
+        same_model = old_folder.load_info().model_id == model_id
+    except UserError:
+        same_model = False
+    if same_model:
+        for sub in (store.LORA_SUBDIR, store.RUNS_SUBDIR):
+            if (target / sub).exists():
+                shutil.move(str(target / sub), str(partial / sub))
+    old = target.parent / f".old-{target.name}-{os.getpid()}"
+    os.replace(target, old)
+    os.replace(partial, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def install_model(
+    ref: str,
+    *,
+    name: str | None = None,
+    revision: str | None = None,
+    force: bool = False,
+    link: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    exist_ok: bool = False,
+) -> store.ModelFolder:
+    """Install `ref` into the models folder and return its ModelFolder (see the module docstring)."""
+    from filelock import Timeout
+
+    from llm_installer.detect import detect
+
+    if force and exist_ok:
+        raise UserError("--force and --exist-ok contradict each other: pass only one")
+    if name is not None:
+        folder = store.folder_name(name)
+    src = resolve_ref(ref)
+    if revision is not None and src.kind != "hub":
+        raise UserError(f"--revision applies only to Hub models; {ref} is a {src.kind} source")
+    if link and src.kind != "local":
+        raise UserError(f"--link applies only to a local model folder; {ref} is a {src.kind} source")
+    if name is None:
+        try:
+            folder = store.folder_name(src.default_name)
+        except InvalidNameError:
+            raise InvalidNameError(
+                f"cannot use {src.default_name!r} as a model name (letters, digits, '.', '_' and '-' only); "
+                "pass --name"
+            ) from None
+    target = store.models_dir() / folder
+    lock = store.folder_lock(folder)
+    try:
+        lock.acquire(timeout=0.5)
+    except Timeout:
+        raise UserError(
+            f"another install of {folder} is running (lock {store.lock_path(folder)}); wait for it to finish"
+        ) from None
+    try:
+        if target.exists():
+            existing = store.ModelFolder(target)
+            if exist_ok and store.folder_status(existing) == "ready":
+                _say(f"{folder} is already installed in {target}")
+                return existing
+            if not force and not exist_ok:
+                raise UserError(
+                    f"{folder} is already installed in {target}; pass --force to reinstall it "
+                    "(or --exist-ok to keep it)"
+                )
+        partial = store.partial_dir(folder)
+        _prepare_partial(partial, {"kind": src.kind, "ref": src.ref, "revision": revision, "link": link})
+        model_dir = partial / store.MODEL_SUBDIR
+        try:
+            recorded_revision = _fetch(
+                src,
+                revision,
+                model_dir,
+                link=link,
+                allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code,
+            )
+            # Hub and bundled models keep their upstream id; a folder or GGUF file is known by its --name.
+            model_id = src.model_id if src.kind in ("hub", "bundled") or name is None else name.strip()
+            info = detect(model_dir, model_id=model_id, source=src.kind, revision=recorded_revision)
+            if info.trust_remote_code and not trust_remote_code:
+                raise SourceError(
+                    f"{ref} needs custom Python code from its repository; read it, then pass --trust-remote-code"
+                )
+            _write_info(partial, info, src, recorded_revision)
+            store.write_wrappers(partial)
+            (partial / _SOURCE_MARKER).unlink(missing_ok=True)
+            shutil.rmtree(model_dir / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
+        except BaseException as exc:
+            # Keep a Hub download cut by Ctrl-C or the network so the next run resumes it; else clean up.
+            resumable = isinstance(exc, KeyboardInterrupt) or getattr(exc, "resumable", False)
+            if not (src.kind == "hub" and resumable):
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                _say(f"the partial download is kept in {partial}; run the same command again to resume")
+            raise
+        _move_into_place(partial, target, info.model_id)
+        return store.ModelFolder(target)
+    finally:
+        lock.release()

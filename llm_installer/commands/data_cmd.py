@@ -1,0 +1,148 @@
+"""`llm-installer data inspect`: look at a dataset the way training will see it, before training."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+data_app = typer.Typer(
+    help="Look at datasets before training. Example: llm-installer data inspect train.jsonl --model smollm2",
+    no_args_is_help=True,
+)
+
+
+@data_app.command("inspect")
+def inspect_cmd(
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="PATH",
+            help="Data files, folders, quoted globs, comma-mixes or name:split of a cached HF dataset.",
+        ),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Installed model whose tokenizer and chat template to use."),
+    ] = None,
+    format: Annotated[
+        str | None, typer.Option("--format", "-f", help="Force one format (default: detect per record).")
+    ] = None,
+    max_seq_length: Annotated[
+        int | None, typer.Option("--max-seq-length", help="Count records longer than this many tokens.")
+    ] = None,
+    show_rejects: Annotated[int, typer.Option("--show-rejects", help="How many rejects to list.")] = 10,
+) -> None:
+    """Detected format per file, record counts, rejects with reasons, token lengths and one rendered example.
+
+    Example: llm-installer data inspect data/train.jsonl "data/extra/*.json" --model smollm2-135m-instruct
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    from llm_installer.console import console, warn
+    from llm_installer.data.inspect import histogram, inspect_data
+    from llm_installer.data.loaders import resolve_spec
+
+    for path in paths:  # fail fast on a wrong path, before the tokenizer takes seconds to load
+        resolve_spec(path, [])
+    tokenizer, handler = _tokenizer_and_handler(model)
+    with console.status("reading data…"):
+        report = inspect_data(paths, tokenizer, handler=handler, format=format, max_seq_length=max_seq_length)
+    result = report.result
+    for note in result.notes:
+        console.print(f"[cyan]note:[/cyan] {note}", soft_wrap=True)
+
+    table = Table(title="Files", title_justify="left")
+    for col in ("file", "type", "format", "records", "rejects"):
+        table.add_column(col, justify="right" if col in ("records", "rejects") else "left")
+    for f in result.files:
+        table.add_row(f.path, f.kind, f.format, str(f.records), str(f.rejects))
+    console.print(table)
+
+    rejects = [(r.origin, r.reason) for r in result.rejects] + report.render_rejects
+    console.print(
+        f"records: [bold]{len(result.records)}[/bold] usable, [bold]{len(rejects)}[/bold] rejected, "
+        f"[bold]{len(result.duplicates)}[/bold] exact duplicates"
+    )
+    if rejects:
+        console.print("[yellow]rejects[/yellow] (training skips these; --strict stops on them):")
+        for origin, reason in rejects[:show_rejects]:
+            console.print(f"  {origin}: {reason}", soft_wrap=True, markup=False)
+        if len(rejects) > show_rejects:
+            console.print(f"  … and {len(rejects) - show_rejects} more (--show-rejects N)")
+    for dup, first in result.duplicates[:3]:
+        console.print(f"  duplicate: {dup} repeats {first}", soft_wrap=True, markup=False)
+
+    if tokenizer is None:
+        warn("no tokenizer available (pass --model NAME): token statistics skipped")
+        return
+    if report.lengths:
+        lengths = sorted(report.lengths)
+        n = len(lengths)
+        console.print(
+            f"\ntokens per record ({report.tokenizer_name}): min {lengths[0]}, median {lengths[n // 2]}, "
+            f"p95 {lengths[min(n - 1, int(n * 0.95))]}, max {lengths[-1]}, total {sum(lengths)}, "
+            f"trained {sum(report.trained)}"
+        )
+        if max_seq_length:
+            console.print(f"longer than --max-seq-length {max_seq_length}: {report.over_limit} record(s)")
+        for label, count, bar in histogram(report.lengths):
+            console.print(f"  {label:>13} │{bar:<30} {count}", markup=False)
+    if report.example:
+        console.print(
+            f"\nexample {report.example_origin}: [green]green = trained (loss)[/green], [dim]dim = masked[/dim]",
+            soft_wrap=True,
+        )
+        text = Text()
+        plain = console.color_system is None  # no colours (a pipe, NO_COLOR): bracket the trained tokens
+        if plain:
+            console.print("(no colours here: trained tokens are between « and »)")
+        previous = False
+        for token, trained in report.example:
+            if plain and trained != previous:
+                text.append("«" if trained else "»")
+            text.append(token, style="bold green" if trained else "dim")
+            previous = trained
+        if plain and previous:
+            text.append("»")
+        console.print(text, soft_wrap=True)
+
+
+def _tokenizer_and_handler(model: str | None):
+    """The installed model's tokenizer (or processor) and handler; else the bundled SmolLM2 tokenizer."""
+    from llm_installer.console import warn
+    from llm_installer.errors import UserError
+
+    if model:
+        from llm_installer import loading, store
+
+        folder = store.find_model(model)
+        handler = None
+        try:
+            from llm_installer.handlers.registry import get_handler
+
+            handler = get_handler(folder.load_info())
+        except ImportError:
+            pass
+        processor = loading.load_processor(folder.model_dir)
+        if processor is not None and hasattr(processor, "image_processor"):
+            return processor, handler
+        tok = loading.load_tokenizer(folder.model_dir)
+        tok.name_or_path = model
+        return tok, handler
+    try:
+        from llm_installer.data.inspect import bundled_tokenizer
+
+        tok = bundled_tokenizer()
+        tok.name_or_path = "bundled SmolLM2-135M-Instruct"
+        return tok, None
+    except UserError as exc:
+        warn(str(exc))
+        return None, None
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(
+        data_app, name="data", help="Inspect datasets before training (formats, rejects, token lengths)."
+    )

@@ -1,0 +1,103 @@
+"""`load_records(spec)`: read every input, detect each record's format, validate, convert, find duplicates.
+
+Nothing is lost silently: a record that cannot be used becomes a `Reject` (origin "file:line" or
+"file#index", and the reason); whole-file problems raise one-line `DataError`s; `strict=True` turns the
+first reject into an error instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from llm_installer.data.detect import candidates, dominant_format
+from llm_installer.data.formats import FORMATS, ConvertContext
+from llm_installer.data.loaders import Source, read_source, resolve_spec
+from llm_installer.data.records import FileSummary, LoadResult, Record, RecordError, Reject
+from llm_installer.errors import DataError
+
+
+def _check_format(format: str | None) -> None:
+    if format is not None and format not in FORMATS:
+        raise DataError(f"--format {format}: unknown format; use one of {', '.join(FORMATS)}")
+
+
+def load_records(
+    spec: str | os.PathLike,
+    *,
+    format: str | None = None,
+    strict: bool = False,
+    prefer: Iterable[str] | None = None,
+    preprocessing: dict[str, dict[str, Any]] | None = None,
+    truncate: Callable[[str, int], str] | None = None,
+    sources: list[Source] | None = None,
+) -> LoadResult:
+    """Load `spec` into canonical records.
+
+    `format` forces one format for every record (else detection per record, see detect.py); `prefer` is
+    the handler's supported formats (breaks ties such as qa vs medical_qa); `preprocessing` are the
+    handler's `dataset_preprocessing` hints; `truncate(text, n)` cuts text to n tokens for hints such as
+    medical_qa's max_context_length (characters when None). `sources` skips resolving `spec` again.
+    """
+    _check_format(format)
+    notes: list[str] = []
+    if sources is None:
+        sources = resolve_spec(spec, notes)
+    records: list[Record] = []
+    rejects: list[Reject] = []
+    files: list[FileSummary] = []
+    prefer = list(prefer or [])
+    for source in sources:
+        items = list(read_source(source))
+        if not items:
+            raise DataError(f"{source.label}: holds no records; put records in it or remove it from --data")
+        summary = FileSummary(path=source.label, kind=source.kind)
+        ctx = ConvertContext(base_dir=source.base_dir, preprocessing=preprocessing or {}, truncate=truncate)
+        fallback = format
+        if fallback is None:
+            parsed = [raw for _, raw, problem in items if problem is None]
+            fallback, why = dominant_format(parsed, prefer)
+            if fallback is None and parsed:
+                raise DataError(f"{source.label}: {why}")
+        for origin, raw, problem in items:
+            if problem is not None:
+                rejects.append(Reject(origin, problem, raw))
+                summary.rejects += 1
+                continue
+            name = format
+            if name is None:
+                found = candidates(raw, prefer)
+                name = found[0] if len(found) == 1 else fallback
+                if len(found) > 1 and fallback not in found:
+                    reason = f"ambiguous record: keys {sorted(map(str, raw))} fit {' and '.join(found)} (pass --format)"
+                    rejects.append(Reject(origin, reason, raw))
+                    summary.rejects += 1
+                    continue
+            try:
+                record = FORMATS[name].convert(raw, ctx)
+            except RecordError as exc:
+                reason = f"{name}: {exc}"
+                rejects.append(Reject(origin, reason, raw))
+                summary.rejects += 1
+                continue
+            record.origin = origin
+            records.append(record)
+            summary.records += 1
+            summary.formats[record.format] = summary.formats.get(record.format, 0) + 1
+        files.append(summary)
+        if strict and rejects:
+            first = rejects[0]
+            raise DataError(
+                f"{first.origin}: {first.reason} (--strict stops at the first bad record; "
+                "fix it or drop --strict to skip bad records)"
+            )
+    seen: dict[str, str] = {}
+    duplicates: list[tuple[str, str]] = []
+    for record in records:
+        key = record.key()
+        if key in seen:
+            duplicates.append((record.origin, seen[key]))
+        else:
+            seen[key] = record.origin
+    return LoadResult(records=records, rejects=rejects, files=files, duplicates=duplicates, notes=notes)

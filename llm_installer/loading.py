@@ -35,7 +35,8 @@ def load_processor(model_dir: Path, *, trust_remote_code: bool = False):
 
     try:
         return AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError):
+        # e.g. Qwen2-VL's processor needs torchvision for its video processor
         return None
 
 

@@ -1,0 +1,138 @@
+"""MoEHandler and the mixture-of-experts families: Mixtral, Qwen2-MoE / Qwen3-MoE, DeepSeek-V2/V3.
+
+In transformers 5 the routed experts of these families are *fused 3-D parameters*
+(`mlp.experts.gate_up_proj` [experts, 2*inter, hidden] and `mlp.experts.down_proj`), not one Linear per
+expert, so there is no `experts.*.w1` module to put LoRA on. The handler lists those parameter names;
+`targets.resolve_lora_targets` sends them to PEFT's `target_parameters` (LoRA on an nn.Parameter).
+The router (`mlp.gate`, a TopKRouter module, not a Linear) is trained in full through
+`modules_to_save`; it is tiny. The seed's legacy names (`block_sparse_moe.gate`,
+`block_sparse_moe.experts.*.w1/w2/w3`) are translated to these by the resolver.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llm_installer.handlers.llama import LLAMA_ATTENTION
+from llm_installer.handlers.transformer import TransformerHandler
+
+ROUTER = ("mlp.gate",)
+FUSED_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+DENSE_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # shared experts and dense layers
+
+
+class MoEHandler(TransformerHandler):
+    """Mixture of experts: router and experts trained, top-k routing, load-balancing loss applied."""
+
+    name = "moe"
+    families = ("moe (generic)",)
+    description = "generic mixture-of-experts model (router + fused experts + attention)"
+    default_model_family = "moe"
+    attention_modules = LLAMA_ATTENTION
+    mlp_modules = (*ROUTER, *FUSED_EXPERTS, *DENSE_MLP)
+    best_seq_length = 2048
+
+    def _estimate_model_size(self) -> float | None:
+        """Memory follows the total parameter count (all experts are loaded)."""
+        return self.model_info.params_billions
+
+    def target_modules_for_size(self) -> tuple[list[str] | None, str]:
+        """Attention + router + experts below 30B; attention + router above (experts dominate memory)."""
+        attention = list(self.attention_modules)
+        if self.size_class() == ">30B":
+            return [*attention, *ROUTER], "size rule (>30B MoE: attention + router)"
+        return [*attention, *self.mlp_modules], "MoE: attention + router + experts"
+
+    def get_training_parameters(self) -> dict[str, Any]:
+        params = super().get_training_parameters()
+        cfg = self.config
+        top_k = cfg.get("num_experts_per_tok") or self.model_info.num_experts_per_tok or 2
+        params["moe_training"] = True
+        params["expert_selection"] = f"top-{top_k}"
+        params["load_balancing_loss_coef"] = float(cfg.get("router_aux_loss_coef") or 0.01)
+        params["recommended_batch_size"] = 8  # the seed: larger batches spread tokens over experts
+        params["num_experts"] = (
+            cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
+            or self.model_info.num_experts
+        )  # fmt: skip
+        return params
+
+    def prepare_model_for_training(self, model: Any, training_config: dict[str, Any]) -> Any:
+        model = super().prepare_model_for_training(model, training_config)
+        params = self.get_training_parameters()
+        coef = (training_config or {}).get("load_balancing_loss_coef", params["load_balancing_loss_coef"])
+        apply_router_aux_loss(model, float(coef))
+        return model
+
+
+def apply_router_aux_loss(model: Any, coef: float) -> bool:
+    """Ask the model to return router logits and add `coef` x load-balancing loss to its loss.
+
+    transformers copies `router_aux_loss_coef` from the config into the model at construction, so the
+    attribute is set on every module that holds it as well as on the config. Returns False when the
+    architecture has no auxiliary loss (DeepSeek-V3 balances with a routing bias instead).
+    """
+    config = getattr(model, "config", None)
+    has_aux = False
+    if config is not None and hasattr(config, "router_aux_loss_coef"):
+        config.router_aux_loss_coef = coef
+        has_aux = True
+    for module in model.modules():
+        if hasattr(module, "router_aux_loss_coef") and not callable(module.router_aux_loss_coef):
+            module.router_aux_loss_coef = coef
+            has_aux = True
+        sub = getattr(module, "config", None)
+        if sub is not None and hasattr(sub, "router_aux_loss_coef"):
+            sub.router_aux_loss_coef = coef
+    if has_aux and config is not None and hasattr(config, "output_router_logits"):
+        config.output_router_logits = True
+    return has_aux
+
+
+class MixtralHandler(MoEHandler):
+    """Mixtral 8x7B / 8x22B (top-2 of 8 experts)."""
+
+    name = "mixtral"
+    families = ("mixtral",)
+    model_types = ("mixtral",)
+    architectures = ("MixtralForCausalLM",)
+    description = "Mixtral (router + fused experts + attention)"
+    mlp_modules = (*ROUTER, *FUSED_EXPERTS)
+    best_seq_length = 2048
+    default_chat_template = "mistral"
+
+
+class QwenMoEHandler(MoEHandler):
+    """Qwen1.5/2-MoE (with a shared expert) and Qwen3-MoE."""
+
+    name = "qwen_moe"
+    families = ("qwen2_moe", "qwen3_moe")
+    model_types = ("qwen2_moe", "qwen3_moe")
+    architectures = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+    description = "Qwen2-MoE / Qwen3-MoE (router + experts + shared expert)"
+    mlp_modules = (*ROUTER, *FUSED_EXPERTS, "shared_expert.gate_proj", "shared_expert.up_proj",
+                   "shared_expert.down_proj")  # fmt: skip
+    best_seq_length = 2048
+    default_chat_template = "chatml"
+
+    def get_training_parameters(self) -> dict[str, Any]:
+        params = super().get_training_parameters()
+        params["special_tokens"] = {"end_of_turn": "<|im_end|>"}
+        return params
+
+
+class DeepSeekMoEHandler(MoEHandler):
+    """DeepSeek-V2 / V3: multi-head latent attention (q_a/q_b, kv_a/kv_b), routed + shared experts."""
+
+    name = "deepseek"
+    families = ("deepseek_v2", "deepseek_v3")
+    model_types = ("deepseek_v2", "deepseek_v3")
+    architectures = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+    description = "DeepSeek-V2/V3 (MLA attention; router + routed/shared experts; dense first layers)"
+    best_seq_length = 2048
+
+    @property
+    def attention_modules(self) -> tuple[str, ...]:  # type: ignore[override]
+        """q_a/q_b_proj with a query LoRA rank (V3, V2), plain q_proj without (V2-Lite)."""
+        query = ("q_a_proj", "q_b_proj") if self.config.get("q_lora_rank") else ("q_proj",)
+        return (*query, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")

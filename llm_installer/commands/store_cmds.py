@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from llm_installer.console import console, err_console
+from llm_installer.console import console
 
 
 def _gb(value: float | None) -> str:
@@ -279,20 +279,9 @@ def register(app: typer.Typer) -> None:
                 "[bold]adapter[/bold] none (train one with ./train.sh in the model folder)", soft_wrap=True
             )
         if training:
-            try:
-                from llm_installer.handlers.describe import training_parameters_with_sources
-            except ImportError:
-                err_console.print(
-                    "training parameters are not available yet (no llm_installer.handlers.describe)"
-                )
-                return
-            table = Table(title="training parameters")
-            table.add_column("parameter", no_wrap=True)
-            table.add_column("value", overflow="fold")
-            table.add_column("source", overflow="fold")
-            for key, value, source in training_parameters_with_sources(info):
-                table.add_row(str(key), str(value), str(source))
-            console.print(table)
+            from llm_installer.handlers.describe import render_training_parameters
+
+            console.print(render_training_parameters(info))
 
     @app.command(
         "verify",

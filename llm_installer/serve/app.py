@@ -1,0 +1,578 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over one `Engine`, plus the web chat page at `/`.
+
+Request bodies are parsed by hand (json, then a strict pydantic model) rather than by FastAPI's
+parameter binding, so every bad input — broken JSON, a wrong type, an out-of-range value — comes back
+as OpenAI's error JSON ``{"error": {"message", "type", "param", "code"}}`` with status 400 (FastAPI's
+default would be a 422 in its own shape, which OpenAI clients do not understand).
+
+Streaming answers are server-sent events in OpenAI's chunk format ending with ``data: [DONE]``. The
+engine's worker thread hands events to the event loop with ``call_soon_threadsafe``; when a client goes
+away the response generator is closed and its request is cancelled, so its batch slot frees at the next
+decoding step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from importlib import resources
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llm_installer.serve.engine import Engine, EngineError, Event, SamplingParams
+
+DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: far more than any prompt this context can hold
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's error JSON."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# ----- request bodies (strict: "0.5" is not a number, as in OpenAI's API) -------------------------------------
+class _Base(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int | None = Field(default=None, ge=1)
+    stream: bool | None = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logprobs: bool | int | None = None
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+    ignore_eos: bool | None = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Base):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Base):
+    prompt: str | list[str] | list[int]
+    echo: bool | None = False
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-", "str", "list", "int"))]
+    param = ".".join(loc) or None
+    if err.get("type") == "missing":
+        return APIError(
+            400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
+    value = err.get("input")
+    shown = json.dumps(value)[:80] if not isinstance(value, dict) else "an object"
+    return APIError(
+        400,
+        f"Invalid value for '{param}': {err.get('msg')} (got {shown}).",
+        param=param,
+        code="invalid_value" if "type" not in str(err.get("type")) else "invalid_type",
+    )
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(
+            400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json"
+        ) from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def _sampling(req: _Base, max_tokens: int | None) -> SamplingParams:
+    if req.n not in (None, 1):
+        raise APIError(
+            400,
+            "n > 1 is not supported by this server; send n=1 (or several requests).",
+            param="n",
+            code="unsupported_value",
+        )
+    if req.logprobs:
+        raise APIError(
+            400, "logprobs are not supported by this server.", param="logprobs", code="unsupported_value"
+        )
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4:
+        raise APIError(400, "'stop' takes at most 4 sequences.", param="stop", code="invalid_value")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        stop=[s for s in stop if s],
+        seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        ignore_eos=bool(req.ignore_eos),
+    )
+
+
+class _Guard:
+    """Pure ASGI middleware (so streaming and disconnects pass straight through).
+
+    401 on /v1/* without the right Bearer key; 413 for bodies over the limit, by Content-Length or by
+    counting a chunked body.
+    """
+
+    def __init__(self, app: Any, limit: int, api_key: str | None) -> None:
+        self.app, self.limit, self.api_key = app, limit, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and scope.get("path", "").startswith("/v1/"):
+            header = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), self.api_key.encode()
+            ):
+                msg = (
+                    "You didn't provide an API key. Send 'Authorization: Bearer YOUR_KEY'."
+                    if not header
+                    else "Incorrect API key provided."
+                )
+                return await error_response(401, msg, code="invalid_api_key")(scope, receive, send)
+        length = headers.get(b"content-length")
+        too_big = error_response(
+            413, f"Request body too large: the limit is {self.limit} bytes.", code="request_too_large"
+        )
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            return await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            return await too_big(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(
+    engine: Engine, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
+) -> FastAPI:
+    """The FastAPI app serving `engine`; `api_key` (if set) is required as a Bearer token on /v1/*."""
+    app = FastAPI(title="llm-installer", docs_url=None, redoc_url=None, openapi_url=None)
+    static_dir = resources.files("llm_installer.serve") / "static"
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(_: Request, exc: EngineError):
+        return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), code=code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+    # ----- pages and metadata ------------------------------------------------------------------------
+    security_headers = {
+        "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+        "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(str(static_dir / "index.html"), media_type="text/html", headers=security_headers)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        allowed = {"app.js": "text/javascript", "style.css": "text/css"}
+        if name not in allowed:
+            raise APIError(404, f"no static file {name!r}", code="not_found")
+        return FileResponse(str(static_dir / name), media_type=allowed[name], headers=security_headers)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": engine.model_names, "queued": len(engine._pending)}
+
+    @app.get("/info")
+    async def info():
+        """What the web page shows: model names, context length, adapter details.
+
+        It needs no key (the page reads it before asking for one), so with a key set it leaves out
+        anything that tells a stranger about this machine: file paths and the training record.
+        """
+        details = dict(engine.info)
+        if api_key:
+            details["adapter"] = "yes" if details.get("adapter") else None
+            details.pop("adapter_info", None)
+        return {
+            "name": engine.name,
+            "models": engine.model_names,
+            "default_model": engine.model_names[-1],
+            "context_length": engine.context_length,
+            "merged_adapter": engine.merged,
+            "auth_required": bool(api_key),
+            **details,
+        }
+
+    def _model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": engine.created, "owned_by": "llm-installer"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(n) for n in engine.model_names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        engine.resolve(model_id)
+        return _model_card(model_id)
+
+    # ----- generation --------------------------------------------------------------------------------
+    def _submit(
+        prompt_ids: list[int], adapter: str | None, params: SamplingParams
+    ) -> tuple[Any, asyncio.Queue]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(ev: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
+        return engine.submit(prompt_ids, adapter, params, sink=sink), events
+
+    async def _collect(request: Request, handle, events: asyncio.Queue) -> tuple[str, Event]:
+        parts: list[str] = []
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        handle.cancel()
+                        raise APIError(499, "client closed the request") from None
+                    continue
+                parts.append(ev.text)
+                if ev.finish_reason:
+                    if ev.error:
+                        raise APIError(500, f"generation failed: {ev.error}", type="server_error")
+                    return "".join(parts), ev
+        finally:
+            if not handle.done.is_set():
+                handle.cancel()
+
+    def _usage(ev: Event) -> dict[str, int]:
+        return {
+            "prompt_tokens": ev.prompt_tokens,
+            "completion_tokens": ev.completion_tokens,
+            "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+        }
+
+    def _sse(obj: Any) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def _stream(handle, events: asyncio.Queue, make_chunk, include_usage: bool, first: dict | None):
+        try:
+            if first is not None:
+                yield _sse(first)
+            while True:
+                ev = await events.get()
+                if ev.error:
+                    yield _sse(
+                        {
+                            "error": {
+                                "message": f"generation failed: {ev.error}",
+                                "type": "server_error",
+                                "param": None,
+                                "code": None,
+                            }
+                        }
+                    )
+                    break
+                if ev.text:
+                    yield _sse(make_chunk(ev.text, None))
+                if ev.finish_reason:
+                    if ev.finish_reason != "cancelled":
+                        yield _sse(make_chunk(None, ev.finish_reason))
+                        if include_usage:
+                            yield _sse({**make_chunk(None, None, usage=_usage(ev)), "choices": []})
+                    break
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (or we are done): free the slot
+            handle.cancel()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatRequest = await _parse(request, ChatRequest)
+        if req.tools:
+            raise APIError(
+                400,
+                "tools / function calling are not supported by this server.",
+                param="tools",
+                code="unsupported_value",
+            )
+        if req.response_format and req.response_format.get("type") not in (None, "text"):
+            raise APIError(
+                400,
+                "only response_format {'type': 'text'} is supported.",
+                param="response_format",
+                code="unsupported_value",
+            )
+        adapter = engine.resolve(req.model)
+        name = req.model or engine.model_names[-1]
+        params = _sampling(req, req.max_completion_tokens or req.max_tokens)
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+            for m in req.messages
+        ]
+        prompt_ids = await asyncio.to_thread(engine.chat_prompt_ids, messages)
+        engine.check_prompt(prompt_ids, params, param="messages")
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        handle, events = _submit(prompt_ids, adapter, params)
+        if req.stream:
+
+            def chunk(text: str | None, finish: str | None, usage: dict | None = None) -> dict:
+                delta = {"content": text} if text is not None else {}
+                out = {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": name,
+                    "system_fingerprint": None,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                }
+                if usage is not None:
+                    out["usage"] = usage
+                return out
+
+            first = chunk(None, None)
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(
+                _stream(handle, events, chunk, include_usage, first),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        text, ev = await _collect(request, handle, events)
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": name,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": ev.finish_reason,
+                }
+            ],
+            "usage": _usage(ev),
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = await _parse(request, CompletionRequest)
+        if req.echo or (req.best_of or 1) > 1 or req.suffix:
+            bad = "echo" if req.echo else "best_of" if (req.best_of or 1) > 1 else "suffix"
+            raise APIError(
+                400, f"'{bad}' is not supported by this server.", param=bad, code="unsupported_value"
+            )
+        adapter = engine.resolve(req.model)
+        name = req.model or engine.model_names[-1]
+        params = _sampling(req, req.max_tokens if req.max_tokens is not None else 16)  # OpenAI's default: 16
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1:
+                raise APIError(
+                    400,
+                    "only one prompt per request is supported; send several requests.",
+                    param="prompt",
+                    code="unsupported_value",
+                )
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            prompt_ids = await asyncio.to_thread(engine.text_prompt_ids, prompt)
+        else:
+            vocab = len(engine.tokenizer)
+            if any(t < 0 or t >= vocab for t in prompt):
+                raise APIError(400, f"token ids in 'prompt' must be in [0, {vocab}).", param="prompt")
+            prompt_ids = list(prompt)
+        engine.check_prompt(prompt_ids, params, param="prompt")
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        handle, events = _submit(prompt_ids, adapter, params)
+        if req.stream:
+
+            def chunk(text: str | None, finish: str | None, usage: dict | None = None) -> dict:
+                out = {
+                    "id": cid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": name,
+                    "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}],
+                }
+                if usage is not None:
+                    out["usage"] = usage
+                return out
+
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(
+                _stream(handle, events, chunk, include_usage, None),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        text, ev = await _collect(request, handle, events)
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": name,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": ev.finish_reason}],
+            "usage": _usage(ev),
+        }
+
+    app.add_middleware(_Guard, limit=max_body_bytes, api_key=api_key)
+    return app
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the listening socket up front, so a busy port is a one-line error before the model loads."""
+    from llm_installer.errors import UserError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(
+            f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port or --host"
+        ) from None
+    return sock
+
+
+def serve(
+    engine: Engine,
+    *,
+    sock: socket.socket,
+    api_key: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Run the server on a bound socket in the foreground until Ctrl-C (uvicorn)."""
+    import uvicorn
+
+    engine.start()
+    app = create_app(engine, api_key=api_key)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.stop()
+        sock.close()
+
+
+@contextlib.contextmanager
+def background_server(
+    engine: Engine, *, api_key: str | None = None, max_body_bytes: int | None = None, host: str = "127.0.0.1"
+) -> Iterator[str]:
+    """Run the server in a thread on a free port (tests, benchmarks, notebooks); yields its base URL.
+
+    The socket is bound before uvicorn starts, so there is no race for the port.
+    """
+    import uvicorn
+
+    engine.start()
+    app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

@@ -93,7 +93,8 @@ def test_list_show_verify_remove(hub_small_model, capsys, _isolated_models_dir):
     )
 
     code, out, _ = run_cli(["show", "test/small-model", "--training"], capsys)
-    assert code == 0 and "training parameters" in out and "lora" in out.lower()
+    assert code == 0 and "Training parameters (handler llama" in out
+    assert "lora_target_modules" in out and "size rule" in out
 
     code, out, _ = run_cli(["verify", "test/small-model"], capsys)
     assert code == 0 and "all 6 files match the manifest" in out

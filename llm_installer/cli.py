@@ -53,7 +53,10 @@ def _version(value: bool) -> None:
 def root(
     models_dir: Annotated[
         Path | None,
-        typer.Option("--models-dir", help="Models folder (else $LLM_INSTALLER_MODELS_DIR, else ./models of the checkout)."),
+        typer.Option(
+            "--models-dir",
+            help="Models folder (else $LLM_INSTALLER_MODELS_DIR, else ./models of the checkout).",
+        ),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
     version: Annotated[

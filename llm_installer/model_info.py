@@ -12,9 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-TaskKind = Literal[
-    "causal_lm", "vision_language", "moe", "seq2seq", "encoder", "diffusion", "unknown"
-]
+TaskKind = Literal["causal_lm", "vision_language", "moe", "seq2seq", "encoder", "diffusion", "unknown"]
 
 
 class FileEntry(BaseModel):

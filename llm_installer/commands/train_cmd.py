@@ -1,0 +1,209 @@
+"""`llm-installer train NAME --data ...` (and the model folder's `./train.sh`, which calls it).
+
+Only typer/rich/stdlib at import time: torch and transformers load inside the command so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+EXAMPLE = (
+    "Example: llm-installer train smollm2-135m-instruct --data fictional_facts.jsonl --mode fast\n\n"
+    "Or, inside the model folder: ./train.sh --data my_data.jsonl --mode medium --dry-run"
+)
+
+
+def _opt(help_text: str, *names: str, **kw: Any) -> Any:
+    return typer.Option(*names, help=help_text, **kw) if names else typer.Option(help=help_text, **kw)
+
+
+def train(
+    name: Annotated[
+        str, typer.Argument(help="Installed model name (org/name or folder name) or its folder path.")
+    ],
+    data: Annotated[
+        str | None,
+        _opt(
+            "Dataset: file, folder, glob, comma-separated mix, name:split, or a bundled "
+            "example name (fictional_facts.jsonl, test_data.json).",
+            "--data",
+        ),
+    ] = None,
+    format: Annotated[
+        str | None,
+        _opt(
+            "Dataset format (alpaca, sharegpt, openai, chat, qa, completion, text, ...); default: detected.",
+            "--format",
+        ),
+    ] = None,
+    mode: Annotated[
+        str | None,
+        _opt("fast | medium (default) | slow | circle | non-stop (see docs/training.md).", "--mode"),
+    ] = None,
+    method: Annotated[
+        str | None, _opt("lora (default) | qlora (4-bit, NVIDIA GPU) | dora.", "--method")
+    ] = None,
+    epochs: Annotated[int | None, _opt("Number of epochs (cycles in circle mode).", "--epochs")] = None,
+    max_steps: Annotated[
+        int | None, _opt("Stop after this many optimizer steps (0 = no limit).", "--max-steps")
+    ] = None,
+    batch_size: Annotated[int | None, _opt("Examples per micro-batch.", "--batch-size")] = None,
+    gradient_accumulation: Annotated[
+        int | None, _opt("Micro-batches per optimizer step.", "--gradient-accumulation")
+    ] = None,
+    learning_rate: Annotated[float | None, _opt("Peak learning rate.", "--learning-rate", "--lr")] = None,
+    lora_r: Annotated[int | None, _opt("LoRA rank (default: by model size).", "--lora-r")] = None,
+    lora_alpha: Annotated[int | None, _opt("LoRA alpha (default: 2 x rank).", "--lora-alpha")] = None,
+    lora_dropout: Annotated[float | None, _opt("LoRA dropout.", "--lora-dropout")] = None,
+    target_modules: Annotated[
+        str | None,
+        _opt(
+            "Comma-separated module names or patterns, or all-linear (default: the handler's).",
+            "--target-modules",
+        ),
+    ] = None,
+    max_seq_length: Annotated[
+        int | None, _opt("Longest example in tokens (longer ones are truncated).", "--max-seq-length")
+    ] = None,
+    max_examples: Annotated[int | None, _opt("Use at most this many examples.", "--max-examples")] = None,
+    validation_split: Annotated[
+        float | None, _opt("Fraction held out for validation (0 = none).", "--validation-split")
+    ] = None,
+    patience: Annotated[
+        int | None,
+        _opt("Evaluations without validation improvement before early stop (0 = off).", "--patience"),
+    ] = None,
+    overfitting_threshold: Annotated[
+        float | None,
+        _opt(
+            "Stop when validation loss exceeds training loss by this "
+            "much and the gap keeps growing (0 = off).",
+            "--overfitting-threshold",
+        ),
+    ] = None,
+    force_epochs: Annotated[
+        bool, _opt("Run every epoch: no early, overfitting, perfect-loss or plateau stop.", "--force-epochs")
+    ] = False,
+    resume: Annotated[bool, _opt("Continue the newest run from its last checkpoint.", "--resume")] = False,
+    resume_from: Annotated[
+        str | None, _opt("Continue from this run folder or checkpoint-N folder.", "--resume-from")
+    ] = None,
+    optimizer: Annotated[
+        str | None,
+        _opt(
+            "adamw (default), adamw_torch_fused, adafactor, sgd, adamw_8bit, "
+            "paged_adamw_8bit (the 8-bit ones need a GPU).",
+            "--optimizer",
+        ),
+    ] = None,
+    seed: Annotated[int | None, _opt("Random seed (data order, initialisation).", "--seed")] = None,
+    train_on_inputs: Annotated[
+        bool | None,
+        _opt(
+            "Also compute the loss on prompts, not only on answers.", "--train-on-inputs/--no-train-on-inputs"
+        ),
+    ] = None,
+    packing: Annotated[
+        bool | None,
+        _opt(
+            "Padding-free packed batches (default on); --no-packing pads instead.", "--packing/--no-packing"
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, _opt("Write the adapter here instead of the model folder's lora/.", "--output")
+    ] = None,
+    no_tensorboard: Annotated[bool, _opt("Do not write TensorBoard logs.", "--no-tensorboard")] = False,
+    dry_run: Annotated[
+        bool,
+        _opt(
+            "Print the plan, trainable parameters, data summary and memory estimate; train nothing.",
+            "--dry-run",
+        ),
+    ] = False,
+) -> None:
+    """Fine-tune an installed model with LoRA / QLoRA / DoRA, driven by its handler."""
+    from llm_installer.store import find_model
+
+    args = collect_args(locals())
+    folder = find_model(name)
+    if dry_run:
+        args["_allow_no_data"] = True
+    from llm_installer.train.plan import build_plan
+
+    plan = build_plan(folder, args)
+    if dry_run:
+        from llm_installer.train.dry_run import print_dry_run
+
+        print_dry_run(plan)
+        return
+    from llm_installer.console import console
+    from llm_installer.train.trainer import run_training
+
+    result = run_training(plan)
+    m = result.metrics
+    console.print(f"adapter: {result.adapter_dir}", soft_wrap=True)
+    console.print(
+        f"run folder: {result.run_dir} (report.md, loss.png"
+        f"{', tensorboard/' if plan.value('tensorboard') else ''})",
+        soft_wrap=True,
+    )
+    console.print(
+        f"steps {m.get('global_step')}, last training loss {m.get('train_loss_last')}, best validation "
+        f"loss {m.get('best_eval_loss')}, {m.get('tokens_per_second')} tokens/s",
+        soft_wrap=True,
+    )
+    if result.interrupted:
+        console.print(
+            f"interrupted: resume with `llm-installer train {name} --data {plan.value('data')} --resume`",
+            soft_wrap=True,
+        )
+        raise typer.Exit(130)
+
+
+ARG_NAMES = (
+    "data",
+    "format",
+    "mode",
+    "method",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "gradient_accumulation",
+    "learning_rate",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "max_seq_length",
+    "max_examples",
+    "validation_split",
+    "patience",
+    "overfitting_threshold",
+    "force_epochs",
+    "resume",
+    "resume_from",
+    "optimizer",
+    "seed",
+    "train_on_inputs",
+    "packing",
+    "output",
+    "no_tensorboard",
+)
+
+
+def collect_args(values: dict[str, Any]) -> dict[str, Any]:
+    """The user's flags as the plan expects them: only flags actually given (False/None = not given)."""
+    out: dict[str, Any] = {}
+    for key in ARG_NAMES:
+        v = values.get(key)
+        if v is None or v is False and key in ("force_epochs", "resume", "no_tensorboard"):
+            continue
+        out[key] = str(v) if isinstance(v, Path) else v
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", help=f"Fine-tune an installed model with LoRA / QLoRA / DoRA.\n\n{EXAMPLE}")(train)

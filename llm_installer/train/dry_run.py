@@ -1,0 +1,150 @@
+"""`train --dry-run`: the plan (value and why), trainable parameters by group, data summary, memory fit.
+
+Nothing is trained and no weights are read: the model is built on PyTorch's meta device from its config,
+so even a 70B model's LoRA layout is shown in a second.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llm_installer.train.plan import TrainingPlan, estimate_memory
+
+
+def meta_peft_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any) -> Any:
+    """The LoRA-wrapped model built on the meta device (shapes only, no memory, no weights read)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llm_installer.train.trainer import lora_target_kwargs
+
+    trust = bool(getattr(info, "trust_remote_code", False))
+    config = AutoConfig.from_pretrained(str(folder.model_dir), trust_remote_code=trust)
+    with torch.device("meta"):
+        if getattr(info, "task", None) == "vision_language":
+            from transformers import AutoModelForImageTextToText
+
+            model = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust)
+        else:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+        lora = LoraConfig(
+            r=plan.value("lora_r"),
+            lora_alpha=plan.value("lora_alpha"),
+            lora_dropout=plan.value("lora_dropout"),
+            use_dora=plan.value("method") == "dora",
+            task_type="CAUSAL_LM",
+            **lora_target_kwargs(model, plan, handler),
+        )
+        import warnings
+
+        with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, lora)
+
+
+def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
+    """Print the four dry-run sections; return them as data (tests read it)."""
+    from rich.table import Table
+
+    from llm_installer import hardware
+    from llm_installer.console import console as default_console
+    from llm_installer.train.trainer import load_components, load_tokenizer_for, prepare_data
+
+    console = console or default_console
+    folder, info, handler = load_components(plan)
+
+    t = Table(title=f"Training plan for {plan.model['model_id']} (handler {plan.model['handler']})")
+    t.add_column("setting")
+    t.add_column("value")
+    t.add_column("source")
+    t.add_column("why")
+    for key, entry in plan["settings"].items():
+        t.add_row(key, str(entry["value"]), entry["source"], entry["why"])
+    console.print(t)
+
+    model = meta_peft_model(plan, folder, info, handler)
+    from llm_installer.handlers.targets import parameter_group_table
+
+    rows = list(parameter_group_table(model))
+    pt = Table(title="Parameters by group")
+    pt.add_column("group")
+    pt.add_column("trainable", justify="right")
+    pt.add_column("total", justify="right")
+    trainable_total = 0
+    for row in rows:
+        group, trainable, total = (
+            (row["group"], row["trainable"], row["total"]) if isinstance(row, dict) else row
+        )
+        trainable_total += int(trainable)
+        pt.add_row(str(group), f"{int(trainable):,}", f"{int(total):,}")
+    console.print(pt)
+
+    data_summary: dict[str, Any] = {}
+    if plan.value("data"):
+        tokenizer = load_tokenizer_for(folder, handler, info)
+        data = prepare_data(plan, tokenizer, handler)
+        lengths = [len(e["input_ids"]) for e in data.train]
+        labelled = sum(sum(1 for t in e["labels"] if t != -100) for e in data.train)
+        data_summary = {
+            "train_examples": len(data.train),
+            "validation_examples": len(data.validation),
+            "train_tokens": sum(lengths),
+            "label_tokens": labelled,
+            "max_length": max(lengths) if lengths else 0,
+            "fingerprint": getattr(data, "fingerprint", None),
+        }
+        dt = Table(title=f"Data: {plan.value('data')}")
+        dt.add_column("item")
+        dt.add_column("value", justify="right")
+        for k, v in data_summary.items():
+            dt.add_row(k, str(v))
+        stats = getattr(data, "stats", None)
+        if isinstance(stats, dict):
+            for k in ("rejected", "duplicates", "truncated"):
+                if k in stats:
+                    dt.add_row(k, str(stats[k]))
+        console.print(dt)
+    else:
+        console.print("data: not given (pass --data to see the dataset summary)")
+
+    cfg = model.get_base_model().config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    mem = estimate_memory(
+        plan,
+        lora_params=trainable_total,
+        hidden_size=getattr(text_cfg, "hidden_size", None),
+        num_layers=getattr(text_cfg, "num_hidden_layers", None),
+        vocab_size=getattr(text_cfg, "vocab_size", None),
+    )
+    hw = hardware.detect()
+    if hw.cuda and hw.gpu:
+        available, where = hw.gpu.memory_gb, f"GPU {hw.gpu.name} ({hw.gpu.memory_gb:.1f} GiB)"
+    else:
+        available, where = (
+            hw.ram_available_gb,
+            f"available RAM ({hw.ram_available_gb:.1f} of {hw.ram_gb:.1f} GiB)",
+        )
+    verdict = (
+        "fits"
+        if mem["total_gb"] <= 0.8 * available
+        else "tight"
+        if mem["total_gb"] <= available
+        else "does NOT fit: lower --batch-size/--max-seq-length or use --method qlora on a GPU"
+    )
+    mt = Table(title="Memory estimate")
+    mt.add_column("part")
+    mt.add_column("GiB", justify="right")
+    for k, v in mem.items():
+        mt.add_row(k.removesuffix("_gb"), f"{v:.2f}")
+    console.print(mt)
+    console.print(f"estimated peak {mem['total_gb']:.2f} GiB vs {where}: {verdict}", soft_wrap=True)
+    console.print("dry run: nothing was trained")
+    return {
+        "plan": plan,
+        "parameters": rows,
+        "trainable": trainable_total,
+        "data": data_summary,
+        "memory": mem,
+        "verdict": verdict,
+    }

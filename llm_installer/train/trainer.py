@@ -1,0 +1,644 @@
+"""The training engine: plan -> data -> PEFT model -> transformers Trainer -> adapter, report, run folder.
+
+`run_training(plan)` is the single entry point (the CLI, `./train.sh` and `accelerate launch` all go through
+it). The loop is transformers' `Trainer` so checkpoints, resume, schedulers, mixed precision and
+distributed launchers behave as users know them; what is ours is the batch layout (padding-free packed
+rows, `collate.py`), the loss (head only on labelled positions, `loss.py`), the callbacks (auto-stop,
+graceful interrupt, progress, best adapter) and the outputs (atomic `lora/`, `adapter_info.json`, TensorBoard,
+loss plot, report).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_installer.errors import UserError
+from llm_installer.train.plan import TrainingPlan
+
+RUN_INFO = "run_info.json"
+ADAPTER_INFO = "adapter_info.json"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced and why it ended."""
+
+    stop_reason: str
+    adapter_dir: Path | None
+    run_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
+    resumed_from: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run folders and resume
+
+
+def _timestamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def new_run_dir(runs_dir: Path) -> Path:
+    """runs/<YYYYmmdd-HHMMSS>[-n]/ — names sort in creation order."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    base = _timestamp()
+    for n in range(1000):
+        name = base if n == 0 else f"{base}-{n:03d}"
+        path = runs_dir / name
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"cannot create a run folder in {runs_dir}: too many runs this second")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoint-N folders of a run in numeric order (checkpoint-10 after checkpoint-9)."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _CKPT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def find_resume_checkpoint(runs_dir: Path, resume: str) -> Path:
+    """`latest`: the newest run that has a checkpoint, its highest step; else a run or checkpoint path."""
+    if resume == "latest":
+        runs = (
+            sorted((p for p in runs_dir.iterdir() if p.is_dir()), key=lambda p: p.name)
+            if runs_dir.is_dir()
+            else []
+        )
+        for run in reversed(runs):
+            cks = checkpoints(run)
+            if cks:
+                return cks[-1]
+        raise UserError(f"--resume: no checkpoint found under {runs_dir}; start a new run without --resume")
+    path = Path(resume).expanduser()
+    if not path.is_absolute() and not path.exists() and (runs_dir / resume).exists():
+        path = runs_dir / resume
+    if not path.exists():
+        raise UserError(f"--resume-from {resume}: no such run or checkpoint folder")
+    if _CKPT.match(path.name) and path.is_dir():
+        return path.resolve()
+    cks = checkpoints(path)
+    if not cks:
+        raise UserError(f"--resume-from {resume}: no checkpoint-N folder inside; pick a run under {runs_dir}")
+    return cks[-1].resolve()
+
+
+def check_resume_compatible(run_dir: Path, fingerprint: str, plan: TrainingPlan) -> None:
+    """Refuse to continue a run made with another base model, dataset or recipe (naming what changed)."""
+    info_path = run_dir / RUN_INFO
+    try:
+        old = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise UserError(
+            f"cannot resume from {run_dir}: {RUN_INFO} is missing or damaged; start a new run"
+        ) from None
+    if old.get("fingerprint") == fingerprint:
+        return
+    changed = []
+    om, nm = old.get("plan", {}).get("model", {}), plan.model
+    for key in ("model_id", "revision"):
+        if om.get(key) != nm.get(key):
+            changed.append(f"base model {key} {om.get(key)!r} -> {nm.get(key)!r}")
+    from llm_installer.train.plan import NOT_FINGERPRINTED
+
+    oldset = {k: v.get("value") for k, v in old.get("plan", {}).get("settings", {}).items()}
+    for key, value in plan.values().items():
+        if key in NOT_FINGERPRINTED or key in ("data",):
+            continue
+        if key in oldset and json.dumps(oldset[key], default=str) != json.dumps(value, default=str):
+            changed.append(f"{key} {oldset[key]!r} -> {value!r}")
+    what = "; ".join(changed) or "the plan"
+    raise UserError(
+        f"cannot resume {run_dir.name}: it was trained differently ({what}); run without --resume to start "
+        f"a new run, or resume with the original settings"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing the adapter atomically
+
+
+def write_adapter_atomically(
+    model: Any,
+    target: Path,
+    info: dict[str, Any],
+    extra_files: list[Path] = (),
+    source_dir: Path | None = None,
+) -> Path:
+    """Save the adapter into a temp folder beside `target`, then swap it in: never a half-written lora/."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if source_dir is not None:
+            shutil.copytree(source_dir, tmp)
+        else:
+            model.save_pretrained(str(tmp))
+        (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+        for f in extra_files:
+            if f and Path(f).is_file():
+                shutil.copy2(f, tmp / Path(f).name)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building the pieces
+
+
+def data_settings_for(plan: TrainingPlan) -> Any:
+    """The data module's DataSettings from the plan (only the fields it defines)."""
+    from llm_installer.data import prepare
+
+    cls = prepare.DataSettings
+    wanted = {
+        "format": None if plan.value("format") in (None, "auto") else plan.value("format"),
+        "max_seq_length": plan.value("max_seq_length"),
+        "max_examples": plan.value("max_examples"),
+        "validation_split": plan.value("validation_split"),
+        "train_on_inputs": plan.value("train_on_inputs"),
+        "seed": plan.value("seed"),
+    }
+    if dataclasses.is_dataclass(cls):
+        names = {f.name for f in dataclasses.fields(cls)}
+    else:
+        names = set(getattr(cls, "model_fields", {}) or wanted)
+    return cls(**{k: v for k, v in wanted.items() if k in names})
+
+
+def prepare_data(plan: TrainingPlan, tokenizer: Any, handler: Any) -> Any:
+    from llm_installer.data.prepare import prepare_dataset
+
+    return prepare_dataset(plan.value("data"), tokenizer, handler, data_settings_for(plan))
+
+
+def load_components(plan: TrainingPlan) -> tuple[Any, Any, Any]:
+    """(model folder, ModelInfo, handler) for the plan's model."""
+    from llm_installer.handlers.registry import get_handler
+    from llm_installer.store import ModelFolder
+
+    folder = ModelFolder(Path(plan.model["folder"]))
+    info = folder.load_info()
+    return folder, info, get_handler(info)
+
+
+def load_tokenizer_for(folder: Any, handler: Any, info: Any) -> Any:
+    from llm_installer.loading import load_tokenizer
+
+    tok = load_tokenizer(folder.model_dir, trust_remote_code=bool(getattr(info, "trust_remote_code", False)))
+    if hasattr(handler, "apply_tokenizer_config"):
+        tok = handler.apply_tokenizer_config(tok) or tok
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_training_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any) -> Any:
+    """Base model in the plan's precision (4-bit for QLoRA), prepared by the handler, wrapped with LoRA/DoRA."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from llm_installer.loading import load_model
+
+    method = plan.value("method")
+    precision = plan.value("precision")
+    device = plan.value("device")
+    quant = None
+    load_dtype = "fp32"
+    if device == "cuda" and precision in ("bf16", "fp16"):
+        load_dtype = precision
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+        )
+    if plan.value("attn_implementation") == "packed_sdpa":
+        from llm_installer.train.attention import register
+
+        register()
+    model = load_model(
+        folder.model_dir,
+        task=getattr(info, "task", "causal_lm") or "causal_lm",
+        dtype=load_dtype,
+        device_map={"": 0} if quant is not None else None,
+        quantization_config=quant,
+        trust_remote_code=bool(getattr(info, "trust_remote_code", False)),
+        attn_implementation=plan.value("attn_implementation"),
+    )
+    model.config.use_cache = False
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(plan.value("gradient_checkpointing"))
+        )
+    model = handler.prepare_model_for_training(model, plan.values()) or model
+    # handlers may switch gradient checkpointing on; the plan has the final word (hardware-aware)
+    ckpt_attr = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    if not plan.value("gradient_checkpointing") and getattr(model, ckpt_attr, False):
+        model.gradient_checkpointing_disable()
+    lora_kwargs = lora_target_kwargs(model, plan, handler)
+    config = LoraConfig(
+        r=plan.value("lora_r"),
+        lora_alpha=plan.value("lora_alpha"),
+        lora_dropout=plan.value("lora_dropout"),
+        use_dora=method == "dora",
+        bias="none",
+        task_type="CAUSAL_LM",
+        **lora_kwargs,
+    )
+    import warnings
+
+    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def lora_target_kwargs(model: Any, plan: TrainingPlan, handler: Any) -> dict[str, Any]:
+    """Target modules through the handlers' resolver (user's --target-modules or the handler's list)."""
+    from llm_installer.handlers.targets import resolve_lora_targets
+
+    params = dict(handler.get_training_parameters() or {})
+    targets = plan.value("target_modules")
+    if targets is not None:
+        params["lora_target_modules"] = targets
+    if plan.value("modules_to_save") is not None:
+        params["lora_modules_to_save"] = plan.value("modules_to_save")
+    return dict(resolve_lora_targets(model, params))
+
+
+class _LossTrainer:
+    """Factory for the Trainer subclass (transformers is imported lazily)."""
+
+    @staticmethod
+    def build(plan: TrainingPlan, stats: Any, **kwargs: Any):
+        import torch
+        from transformers import Trainer
+
+        from llm_installer.train.loss import causal_lm_loss
+
+        head_on_labels = bool(plan.value("head_on_labels"))
+
+        class LLMTrainer(Trainer):
+            loss_is_scaled_for_ga = False
+
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                real = inputs.pop("num_real_tokens", None)
+                if model.training:
+                    if real is not None:
+                        stats.real_tokens += int(real)
+                    stats.computed_tokens += int(inputs["input_ids"].numel())
+                loss = causal_lm_loss(model, inputs, head_on_labels=head_on_labels)
+                return (loss, None) if return_outputs else loss
+
+            def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+                inputs = self._prepare_inputs(inputs)
+                inputs.pop("num_real_tokens", None)
+                with torch.no_grad(), self.compute_loss_context_manager():
+                    loss = causal_lm_loss(model, inputs, head_on_labels=head_on_labels)
+                return loss.detach(), None, None
+
+        return LLMTrainer(**kwargs)
+
+
+def training_arguments(plan: TrainingPlan, run_dir: Path, has_eval: bool) -> Any:
+    """transformers TrainingArguments from the plan: every flag lands here or in the callbacks."""
+    from transformers import TrainingArguments
+
+    eval_steps = plan.value("eval_steps")
+    save_steps = plan.value("save_steps")
+    precision = plan.value("precision")
+    max_steps = plan.value("max_steps")
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(run_dir),
+        num_train_epochs=float(plan.value("epochs")),
+        max_steps=int(max_steps) if max_steps else -1,
+        per_device_train_batch_size=int(plan.value("batch_size")),
+        per_device_eval_batch_size=int(plan.value("batch_size")),
+        gradient_accumulation_steps=int(plan.value("gradient_accumulation")),
+        learning_rate=float(plan.value("learning_rate")),
+        lr_scheduler_type=plan.value("lr_scheduler"),
+        weight_decay=float(plan.value("weight_decay")),
+        max_grad_norm=float(plan.value("max_grad_norm")),
+        optim=plan.value("optimizer"),
+        seed=int(plan.value("seed")),
+        data_seed=int(plan.value("seed")),
+        logging_strategy="steps",
+        logging_steps=int(plan.value("logging_steps")),
+        eval_strategy=("steps" if eval_steps else "epoch") if has_eval else "no",
+        eval_steps=eval_steps if has_eval and eval_steps else None,
+        save_strategy="steps" if save_steps else "epoch",
+        save_steps=save_steps or 500,
+        save_total_limit=plan.value("save_total_limit"),
+        report_to=["tensorboard"] if plan.value("tensorboard") else [],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=plan.value("device") == "cpu",
+        dataloader_num_workers=0,
+        train_sampling_strategy="random" if plan.value("packing") else "group_by_length",
+        save_only_model=False,
+    )
+    warmup = float(plan.value("warmup_ratio") or 0.0)
+    # transformers 5 takes a float < 1 in warmup_steps as a ratio of the total steps
+    kwargs["warmup_steps"] = warmup if 0 < warmup < 1 else 0
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns)
+    import inspect
+
+    names = inspect.signature(TrainingArguments.__init__).parameters
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    kwargs[ckpt] = bool(plan.value("gradient_checkpointing"))
+    if plan.value("gradient_checkpointing"):
+        kwargs[f"{ckpt}_kwargs"] = {"use_reentrant": False}
+    return TrainingArguments(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_training(
+    plan: TrainingPlan,
+    *,
+    console: Any = None,
+    show_progress: bool = True,
+    extra_callbacks: list[Any] | None = None,
+) -> TrainResult:
+    """Train the plan's model on the plan's data; write lora/, runs/<timestamp>/ and return what happened."""
+    import torch
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as HFProgress
+
+    from llm_installer.console import console as default_console
+    from llm_installer.train import callbacks as cb
+    from llm_installer.train.collate import PaddedCollator, PaddingFreeCollator
+    from llm_installer.train.report import generate_answers, held_out_prompts, plot_losses, write_report
+
+    console = console or default_console
+    plan = TrainingPlan.from_dict(plan)
+    threads = plan.value("torch_threads")
+    if threads and plan.value("device") == "cpu":
+        torch.set_num_threads(int(threads))
+    set_seed(int(plan.value("seed")))
+
+    folder, info, handler = load_components(plan)
+    tokenizer = load_tokenizer_for(folder, handler, info)
+    data = prepare_data(plan, tokenizer, handler)
+    train_set = list(data.train)
+    val_set = list(data.validation)
+    if not train_set:
+        raise UserError(f"--data {plan.value('data')}: no usable training example after preparation")
+    extra_keys = sorted(
+        {
+            k
+            for ex in train_set[:50]
+            for k, v in ex.items()
+            if v is not None and not (hasattr(v, "__len__") and not len(v))
+        }
+        - {"input_ids", "labels"}
+    )
+    if extra_keys:
+        raise UserError(
+            f"--data {plan.value('data')}: examples carry {', '.join(extra_keys)} (images/video); the trainer "
+            "trains text examples only so far: use text-only data for this model"
+        )
+    data_fp = str(getattr(data, "fingerprint", ""))
+    fingerprint = plan.fingerprint(data_fp)
+
+    # run folder: a new one, or the one being resumed (after checking it is the same training)
+    resumed_from = None
+    if plan.value("resume"):
+        resumed_from = find_resume_checkpoint(folder.runs_dir, str(plan.value("resume")))
+        run_dir = resumed_from.parent
+        old = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
+        if old.get("data_fingerprint") != data_fp:
+            raise UserError(
+                f"cannot resume {run_dir.name}: the training data changed (fingerprint {old.get('data_fingerprint')}"
+                f" -> {data_fp}); run without --resume to start a new run"
+            )
+        check_resume_compatible(run_dir, fingerprint, plan)
+    else:
+        run_dir = new_run_dir(folder.runs_dir)
+    run_info = {
+        "fingerprint": fingerprint,
+        "data_fingerprint": data_fp,
+        "plan": plan,
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    (run_dir / RUN_INFO).write_text(json.dumps(run_info, indent=2, default=str), encoding="utf-8")
+    if plan.value("tensorboard"):
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+
+    model = load_training_model(plan, folder, info, handler)
+    stop_ids = handler.get_stop_token_ids(tokenizer) if hasattr(handler, "get_stop_token_ids") else None
+    prompts = held_out_prompts(val_set or train_set, int(plan.value("report_prompts") or 0))
+    max_new = int(plan.value("report_max_new_tokens") or 32)
+    with model.disable_adapter():
+        before = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new, stop_ids=stop_ids)
+
+    stats = cb.RunStats()
+    # with per-example attention a whole batch is one row (no padding at all); with a mask-based
+    # attention, rows of at most max_seq_length keep the row x row mask small
+    row_tokens = int(plan.value("max_seq_length"))
+    if plan.value("attn_implementation") in ("packed_sdpa", "flash_attention_2"):
+        row_tokens *= int(plan.value("batch_size"))
+    collator = (
+        PaddingFreeCollator(tokenizer.pad_token_id, row_tokens)
+        if plan.value("packing")
+        else PaddedCollator(tokenizer.pad_token_id)
+    )
+    args = training_arguments(plan, run_dir, has_eval=bool(val_set))
+    keep_dir = run_dir / "best_adapter" if plan.value("keep_best") else None
+    callbacks = []
+    if plan.value("auto_stop"):
+        callbacks.append(
+            cb.AutoStopCallback(
+                stats,
+                patience=plan.value("patience"),
+                overfitting_threshold=plan.value("overfitting_threshold"),
+                perfect_loss=plan.value("perfect_loss"),
+                plateau_cycles=plan.value("plateau_cycles"),
+                plateau_tolerance=float(plan.value("plateau_tolerance")),
+            )
+        )
+    callbacks.append(cb.BestTracker(stats, keep_dir))
+    flag = cb.InterruptFlag()
+    callbacks.append(cb.InterruptCallback(flag, stats))
+    callbacks.append(cb.ProgressCallback(stats, console, enabled=show_progress))
+    callbacks += list(extra_callbacks or [])
+
+    trainer = _LossTrainer.build(
+        plan,
+        stats,
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set or None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    for noisy in (PrinterCallback, HFProgress):
+        trainer.remove_callback(noisy)
+
+    t0 = time.perf_counter()
+    with flag:
+        output = trainer.train(resume_from_checkpoint=str(resumed_from) if resumed_from else None)
+    stats.train_seconds = time.perf_counter() - t0
+    state = trainer.state
+    interrupted = flag.requested
+    if stats.stop_reason is None:
+        if plan.value("max_steps") and state.global_step >= int(plan.value("max_steps")):
+            stats.stop_reason = f"reached --max-steps {plan.value('max_steps')}"
+        else:
+            stats.stop_reason = f"completed {plan.value('epochs')} epoch(s) ({state.global_step} steps)"
+    console.print(f"[bold]stopped:[/bold] {stats.stop_reason}", soft_wrap=True)
+
+    # the adapter to publish: the best one in keep-best mode, else the current weights
+    source_dir = keep_dir if keep_dir is not None and (keep_dir / "adapter_config.json").is_file() else None
+    if source_dir is not None:
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        set_peft_model_state_dict(model, load_peft_weights(str(source_dir)))
+    after = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new, stop_ids=stop_ids)
+
+    train_hist = [e["loss"] for e in state.log_history if "loss" in e]
+    metrics = {
+        "global_step": state.global_step,
+        "epoch": round(float(state.epoch or 0), 3),
+        "train_loss_last": round(train_hist[-1], 5) if train_hist else None,
+        "train_loss_mean": round(float(output.training_loss), 5)
+        if output.training_loss is not None
+        else None,
+        "best_eval_loss": round(stats.best_eval_loss, 5) if stats.best_eval_loss is not None else None,
+        "best_step": stats.best_step,
+        "last_eval_loss": round(stats.last_eval_loss, 5) if stats.last_eval_loss is not None else None,
+        "train_seconds": round(stats.train_seconds, 2),
+        "tokens_per_second": round(stats.real_tokens / stats.train_seconds, 1)
+        if stats.train_seconds
+        else None,
+        "trained_tokens": stats.real_tokens,
+        "padding_fraction": round(stats.padding_fraction, 4),
+    }
+    adapter_info = {
+        "base_model": {
+            "model_id": info.model_id,
+            "revision": info.revision,
+            "source": info.source,
+            "folder": str(folder.root),
+        },
+        "handler": getattr(handler, "name", type(handler).__name__),
+        "method": plan.value("method"),
+        "mode": plan.value("mode"),
+        "dataset": {
+            "spec": plan.value("data"),
+            "train_examples": len(train_set),
+            "validation_examples": len(val_set),
+        },
+        "plan": plan,
+        "fingerprint": fingerprint,
+        "data": {
+            "spec": plan.value("data"),
+            "fingerprint": data_fp,
+            "train_examples": len(train_set),
+            "validation_examples": len(val_set),
+            "stats": _jsonable(getattr(data, "stats", {})),
+        },
+        "metrics": metrics,
+        "stop_reason": stats.stop_reason,
+        "interrupted": interrupted,
+        "run_dir": str(run_dir),
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+    plot = plot_losses(state.log_history, run_dir / "loss.png", f"{info.model_id} ({plan.value('mode')})")
+    report = write_report(
+        run_dir / "report.md",
+        info=adapter_info,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        before=before,
+        after=after,
+    )
+    (run_dir / "metrics.json").write_text(
+        json.dumps({"metrics": metrics, "log_history": state.log_history}, indent=2, default=str),
+        encoding="utf-8",
+    )
+    target = Path(plan.value("output")).expanduser() if plan.value("output") else folder.lora_dir
+    adapter_dir = write_adapter_atomically(model, target, adapter_info, [plot, report])
+    run_info.update(
+        finished=_dt.datetime.now().isoformat(timespec="seconds"),
+        stop_reason=stats.stop_reason,
+        adapter_dir=str(adapter_dir),
+        metrics=metrics,
+    )
+    (run_dir / RUN_INFO).write_text(json.dumps(run_info, indent=2, default=str), encoding="utf-8")
+    return TrainResult(
+        stop_reason=stats.stop_reason,
+        adapter_dir=adapter_dir,
+        run_dir=run_dir,
+        metrics=metrics,
+        interrupted=interrupted,
+        resumed_from=resumed_from,
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    elif hasattr(value, "model_dump"):
+        value = value.model_dump()
+    try:
+        return json.loads(json.dumps(value, default=str))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("llm-installer", "torch", "transformers", "peft"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out

@@ -1,0 +1,230 @@
+"""Real short training runs on a tiny model: outputs, interrupt + resume, refusals, atomic adapter writes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from llm_installer.errors import UserError
+from llm_installer.train.plan import build_plan
+from llm_installer.train.trainer import run_training, write_adapter_atomically
+from tests import test_train_fixtures as fx
+from tests.test_train_fixtures import REPO, cli_args, read_json
+
+tiny_installed = fx.tiny_installed  # the shared fixture
+
+
+def test_train_command_writes_adapter_run_folder_and_report(tiny_installed, capsys):
+    from llm_installer.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "train",
+                "test/tiny",
+                "--data",
+                "test_data.json",
+                "--mode",
+                "fast",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--validation-split",
+                "0.2",
+                "--force-epochs",
+                "--max-seq-length",
+                "256",
+            ]
+        )
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "stopped: completed 2 epoch(s)" in out and "adapter:" in out
+    lora = tiny_installed.lora_dir
+    assert (lora / "adapter_config.json").is_file() and (lora / "adapter_model.safetensors").is_file()
+    info = read_json(lora / "adapter_info.json")
+    assert info["base_model"]["model_id"] == tiny_installed.load_info().model_id
+    assert info["handler"] == "llama" and info["stop_reason"].startswith("completed 2 epoch")
+    assert info["data"]["train_examples"] + info["data"]["validation_examples"] == 14
+    assert info["data"]["fingerprint"] and info["fingerprint"]
+    assert info["plan"]["settings"]["batch_size"] == {"value": 4, "source": "user", "why": "--batch-size"}
+    assert info["metrics"]["global_step"] == 2 * -(-info["data"]["train_examples"] // 4)
+    assert info["metrics"]["best_eval_loss"] is not None and info["metrics"]["trained_tokens"] > 0
+    run = Path(info["run_dir"])
+    assert run.parent == tiny_installed.runs_dir
+    assert (run / "loss.png").stat().st_size > 1000 and (lora / "loss.png").is_file()
+    report = (run / "report.md").read_text()
+    assert "stop reason" in report and "- before:" in report and "- after:" in report
+    assert list((run / "tensorboard").rglob("events.out.tfevents*"))
+    assert [p.name for p in run.iterdir() if p.name.startswith("checkpoint-")]
+    assert not [p for p in tiny_installed.root.iterdir() if p.name.startswith(".lora")]
+
+
+class _SigtermAt(TrainerCallback):
+    """Sends this process a real SIGTERM after optimizer step `step` (as `kill` would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_installed, tmp_path):
+    argv = [
+        "--data",
+        "test_data.json",
+        "--mode",
+        "fast",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--validation-split",
+        "0",
+        "--no-tensorboard",
+        "--seed",
+        "3",
+    ]
+
+    def plan(*extra):
+        return build_plan(tiny_installed, cli_args(*argv, *extra))
+
+    full = run_training(plan("--output", str(tmp_path / "full")), show_progress=False)
+    cut = run_training(
+        plan("--output", str(tmp_path / "cut")), show_progress=False, extra_callbacks=[_SigtermAt(4)]
+    )
+    assert cut.interrupted and cut.stop_reason.startswith("interrupted (SIGTERM)")
+    assert (tmp_path / "cut" / "adapter_model.safetensors").is_file()  # the adapter is saved on interrupt
+    steps = [int(p.name.split("-")[1]) for p in cut.run_dir.glob("checkpoint-*")]
+    assert steps and max(steps) < full.metrics["global_step"]
+    resumed = run_training(plan("--output", str(tmp_path / "resumed"), "--resume"), show_progress=False)
+    assert resumed.resumed_from is not None and resumed.resumed_from.parent == cut.run_dir
+    assert resumed.metrics["global_step"] == full.metrics["global_step"]
+    a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
+    c = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) > 1e-4  # the cut run really was behind
+
+    # an incompatible resume is refused with the reason
+    with pytest.raises(UserError, match=r"cannot resume .*learning_rate"):
+        run_training(plan("--resume", "--learning-rate", "0.01"), show_progress=False)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_installed):
+    with pytest.raises(UserError, match="--resume: no checkpoint found"):
+        run_training(build_plan(tiny_installed, cli_args("--data", "test_data.json", "--resume")))
+
+
+def test_ctrl_c_saves_checkpoint_and_adapter_and_exits_cleanly(tiny_installed, tmp_path):
+    """A real SIGINT to `llm-installer train` in non-stop mode: checkpoint + adapter, exit code 130."""
+    env = dict(os.environ, LLM_INSTALLER_MODELS_DIR=str(tiny_installed.root.parent), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [
+            str(REPO / "llm-installer"),
+            "train",
+            "test/tiny",
+            "--data",
+            "test_data.json",
+            "--mode",
+            "non-stop",
+            "--batch-size",
+            "2",
+            "--validation-split",
+            "0",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if list(tiny_installed.runs_dir.glob("*/tensorboard/**/events.out.tfevents*")):
+                break  # training has logged its first steps
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "interrupted (SIGINT)" in out and "--resume" in out
+    info = read_json(tiny_installed.lora_dir / "adapter_info.json")
+    assert info["interrupted"] is True and info["stop_reason"].startswith("interrupted (SIGINT)")
+    run = Path(info["run_dir"])
+    assert list(run.glob("checkpoint-*/adapter_model.safetensors"))
+
+
+def test_adapter_write_is_atomic(tmp_path):
+    target = tmp_path / "lora"
+    target.mkdir()
+    (target / "adapter_model.safetensors").write_text("old")
+
+    class Broken:
+        def save_pretrained(self, path):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            (Path(path) / "adapter_model.safetensors").write_text("half")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_adapter_atomically(Broken(), target, {"x": 1})
+    assert (target / "adapter_model.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+    class Good:
+        def save_pretrained(self, path):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            (Path(path) / "adapter_model.safetensors").write_text("new")
+
+    write_adapter_atomically(Good(), target, {"x": 2})
+    assert (target / "adapter_model.safetensors").read_text() == "new"
+    assert read_json(target / "adapter_info.json") == {"x": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+
+def test_train_sh_in_the_model_folder_has_the_same_flags(tiny_installed):
+    proc = subprocess.run(
+        [str(tiny_installed.root / "train.sh"), "--help"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--data", "--mode", "--method", "--resume-from", "--dry-run", "--no-tensorboard"):
+        assert flag in proc.stdout
+
+
+def test_resume_picks_the_newest_run_and_its_highest_checkpoint_numerically(tmp_path):
+    from llm_installer.train.trainer import checkpoints, find_resume_checkpoint
+
+    runs = tmp_path / "runs"
+    for run, steps in (("20260101-100000", [5]), ("20260102-090000", [9, 10, 2]), ("20260103-080000", [])):
+        for s in steps:
+            (runs / run / f"checkpoint-{s}").mkdir(parents=True)
+        (runs / run).mkdir(parents=True, exist_ok=True)
+    assert [p.name for p in checkpoints(runs / "20260102-090000")] == [
+        "checkpoint-2",
+        "checkpoint-9",
+        "checkpoint-10",
+    ]
+    # the newest run has no checkpoint: the newest one that has
+    assert find_resume_checkpoint(runs, "latest") == runs / "20260102-090000" / "checkpoint-10"
+    assert find_resume_checkpoint(runs, "20260101-100000").name == "checkpoint-5"
+    given = runs / "20260102-090000" / "checkpoint-9"
+    assert find_resume_checkpoint(runs, str(given)) == given.resolve()
+    with pytest.raises(UserError, match="--resume-from nowhere: no such run"):
+        find_resume_checkpoint(runs, "nowhere")

@@ -21,9 +21,8 @@ def seed_workspace(hub_small_model, tmp_path, monkeypatch):
     ws.mkdir()
     (ws / "llm-installer").symlink_to(REPO / "llm-installer")
     monkeypatch.setenv("LLM_INSTALLER_MODELS_DIR", str(ws / "models"))
-    # the script puts its own folder on PYTHONPATH; through a symlink that is the workspace, so point at
-    # the checkout as an installed package would be found
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    # no PYTHONPATH help: ./llm-installer resolves its own symlink to find the checkout
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.chdir(ws)
     return ws
 

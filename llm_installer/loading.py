@@ -20,6 +20,19 @@ _DTYPES = {
 }
 
 
+def quiet_transformers() -> None:
+    """Keep transformers' per-load chatter (weight-loading bars, config-alignment notes) off the user's
+    screen; our own commands print what matters. `--debug` (LLM_INSTALLER_DEBUG) keeps it all."""
+    import os
+
+    if os.environ.get("LLM_INSTALLER_DEBUG"):
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def torch_dtype(name: str | None):
     """'bf16'/'fp16'/'fp32' (or torch names) -> torch.dtype; None/'auto' -> float32 on CPU."""
     import torch
@@ -32,6 +45,7 @@ def torch_dtype(name: str | None):
 def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    quiet_transformers()
     return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
 
 
@@ -59,6 +73,7 @@ def load_model(
     """Load the model for `task` ('causal_lm', 'moe' or 'vision_language')."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if device_map is not None:
         kwargs["device_map"] = device_map

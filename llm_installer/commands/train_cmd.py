@@ -116,6 +116,16 @@ def train(
         Path | None, _opt("Write the adapter here instead of the model folder's lora/.", "--output")
     ] = None,
     no_tensorboard: Annotated[bool, _opt("Do not write TensorBoard logs.", "--no-tensorboard")] = False,
+    strict: Annotated[
+        bool,
+        _opt(
+            "Fail on the first bad record instead of skipping it (skipped ones go to rejects.jsonl).",
+            "--strict",
+        ),
+    ] = False,
+    system_prompt: Annotated[
+        str | None, _opt("System prompt added to every conversation that has none.", "--system-prompt")
+    ] = None,
     dry_run: Annotated[
         bool,
         _opt(
@@ -191,6 +201,8 @@ ARG_NAMES = (
     "packing",
     "output",
     "no_tensorboard",
+    "strict",
+    "system_prompt",
 )
 
 
@@ -199,7 +211,7 @@ def collect_args(values: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ARG_NAMES:
         v = values.get(key)
-        if v is None or v is False and key in ("force_epochs", "resume", "no_tensorboard"):
+        if v is None or v is False and key in ("force_epochs", "resume", "no_tensorboard", "strict"):
             continue
         out[key] = str(v) if isinstance(v, Path) else v
     return out

@@ -328,6 +328,14 @@ def write_rejects(path: Path, lines: list[str]) -> None:
 # ---- the pipeline --------------------------------------------------------------------------------
 
 
+def _say_skipped(count: int, written: Path | None) -> None:
+    if count:
+        from llm_installer.console import err_console
+
+        where = f"; see {written}" if written else ""
+        err_console.print(f"[yellow]skipped {count} bad record(s){where}[/yellow]", soft_wrap=True)
+
+
 def prepare_dataset(
     spec: str | os.PathLike, tokenizer: Any, handler: Any, settings: DataSettings
 ) -> PreparedData:
@@ -394,6 +402,7 @@ def _prepare(spec: str | os.PathLike, tokenizer: Any, handler: Any, settings: Da
             stats = dict(stats, cached=True)
             if rejects_path is not None and reject_lines:
                 write_rejects(rejects_path, reject_lines)
+            _say_skipped(len(reject_lines), rejects_path if reject_lines else None)
             return PreparedData(
                 train, val, stats, fingerprint, rejects_path if reject_lines else None, settings
             )
@@ -477,9 +486,7 @@ def _prepare(spec: str | os.PathLike, tokenizer: Any, handler: Any, settings: Da
     if rejects_path is not None and rejects:
         write_rejects(rejects_path, [r.to_json() for r in rejects])
         written = rejects_path
-    if rejects:
-        where = f"; see {written}" if written else ""
-        err_console.print(f"[yellow]skipped {len(rejects)} bad record(s){where}[/yellow]", soft_wrap=True)
+    _say_skipped(len(rejects), written)
     data = PreparedData(train, validation, stats, fingerprint, written, settings)
     has_media = any("pixel_values" in e or "pixel_values_videos" in e for e in train)
     if cache_path is not None and not has_media:

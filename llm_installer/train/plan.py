@@ -59,6 +59,8 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "optimizer": ("adamw_torch", "AdamW, the LoRA standard"),
     "seed": (42, "reproducible runs"),
     "train_on_inputs": (False, "loss on assistant answers only"),
+    "strict": (False, "bad records are skipped and written to rejects.jsonl in the run folder"),
+    "system_prompt": (None, "the chat template's own default"),
     "packing": (True, "padding-free batches: no compute on padding, no cross-example attention"),
     "head_on_labels": (True, "output head only where the loss needs it"),
     "precision": ("fp32", "safe everywhere"),
@@ -124,6 +126,8 @@ USER_KEYS = (
     "packing",
     "output",
     "tensorboard",
+    "strict",
+    "system_prompt",
 )
 
 # Settings that do not change the trajectory of the weights: left out of the resume fingerprint.

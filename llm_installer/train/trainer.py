@@ -183,6 +183,10 @@ def data_settings_for(plan: TrainingPlan) -> Any:
         "validation_split": plan.value("validation_split"),
         "train_on_inputs": plan.value("train_on_inputs"),
         "seed": plan.value("seed"),
+        "strict": bool(plan.value("strict")),
+        "system_prompt": plan.value("system_prompt"),
+        # prepared data is cached per model folder, keyed by data + tokenizer + settings
+        "cache_dir": str(Path(plan.model["folder"]) / ".cache" / "data"),
     }
     if dataclasses.is_dataclass(cls):
         names = {f.name for f in dataclasses.fields(cls)}
@@ -191,10 +195,13 @@ def data_settings_for(plan: TrainingPlan) -> Any:
     return cls(**{k: v for k, v in wanted.items() if k in names})
 
 
-def prepare_data(plan: TrainingPlan, tokenizer: Any, handler: Any) -> Any:
+def prepare_data(plan: TrainingPlan, tokenizer: Any, handler: Any, rejects_path: Path | None = None) -> Any:
     from llm_installer.data.prepare import prepare_dataset
 
-    return prepare_dataset(plan.value("data"), tokenizer, handler, data_settings_for(plan))
+    settings = data_settings_for(plan)
+    if rejects_path is not None:
+        settings.rejects_path = str(rejects_path)
+    return prepare_dataset(plan.value("data"), tokenizer, handler, settings)
 
 
 def load_components(plan: TrainingPlan) -> tuple[Any, Any, Any]:
@@ -419,7 +426,19 @@ def run_training(
 
     folder, info, handler = load_components(plan)
     tokenizer = load_tokenizer_for(folder, handler, info)
-    data = prepare_data(plan, tokenizer, handler)
+    # the run folder first (rejects.jsonl goes into it): a new one, or the one being resumed
+    resumed_from = None
+    if plan.value("resume"):
+        resumed_from = find_resume_checkpoint(folder.runs_dir, str(plan.value("resume")))
+        run_dir = resumed_from.parent
+    else:
+        run_dir = new_run_dir(folder.runs_dir)
+    try:
+        data = prepare_data(plan, tokenizer, handler, rejects_path=run_dir / "rejects.jsonl")
+    except BaseException:
+        if resumed_from is None:  # leave no empty run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     train_set = list(data.train)
     val_set = list(data.validation)
     if not train_set:
@@ -441,11 +460,8 @@ def run_training(
     data_fp = str(getattr(data, "fingerprint", ""))
     fingerprint = plan.fingerprint(data_fp)
 
-    # run folder: a new one, or the one being resumed (after checking it is the same training)
-    resumed_from = None
-    if plan.value("resume"):
-        resumed_from = find_resume_checkpoint(folder.runs_dir, str(plan.value("resume")))
-        run_dir = resumed_from.parent
+    # a resumed run must be the same training (same data, same trajectory-changing settings)
+    if resumed_from is not None:
         old = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
         if old.get("data_fingerprint") != data_fp:
             raise UserError(
@@ -453,8 +469,6 @@ def run_training(
                 f" -> {data_fp}); run without --resume to start a new run"
             )
         check_resume_compatible(run_dir, fingerprint, plan)
-    else:
-        run_dir = new_run_dir(folder.runs_dir)
     run_info = {
         "fingerprint": fingerprint,
         "data_fingerprint": data_fp,

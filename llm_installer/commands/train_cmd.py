@@ -173,43 +173,19 @@ def train(
         raise typer.Exit(130)
 
 
-ARG_NAMES = (
-    "data",
-    "format",
-    "mode",
-    "method",
-    "epochs",
-    "max_steps",
-    "batch_size",
-    "gradient_accumulation",
-    "learning_rate",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "max_seq_length",
-    "max_examples",
-    "validation_split",
-    "patience",
-    "overfitting_threshold",
-    "force_epochs",
-    "resume",
-    "resume_from",
-    "optimizer",
-    "seed",
-    "train_on_inputs",
-    "packing",
-    "output",
-    "no_tensorboard",
-    "strict",
-    "system_prompt",
-)
+def _arg_names() -> tuple[str, ...]:
+    """The train flags the plan takes: the plan's own USER_KEYS (one list, not two), in the CLI's spelling
+    (`--no-tensorboard` for tensorboard, `--resume-from` beside `--resume`). Imported here, not at module
+    level, so `--help` stays light."""
+    from llm_installer.train.plan import USER_KEYS
+
+    return (*(k for k in USER_KEYS if k != "tensorboard"), "resume_from", "no_tensorboard")
 
 
 def collect_args(values: dict[str, Any]) -> dict[str, Any]:
     """The user's flags as the plan expects them: only flags actually given (False/None = not given)."""
     out: dict[str, Any] = {}
-    for key in ARG_NAMES:
+    for key in _arg_names():
         v = values.get(key)
         if v is None or v is False and key in ("force_epochs", "resume", "no_tensorboard", "strict"):
             continue

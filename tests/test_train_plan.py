@@ -152,6 +152,9 @@ def test_every_flag_reaches_the_training_arguments(tiny_installed, tmp_path):
         "--output",
         str(tmp_path / "out"),
         "--no-tensorboard",
+        "--strict",
+        "--system-prompt",
+        "Answer briefly.",
     ]
     plan = plan_for(tiny_installed, *argv)
     v = plan.values()
@@ -182,6 +185,8 @@ def test_every_flag_reaches_the_training_arguments(tiny_installed, tmp_path):
         "packing": False,
         "output": str(tmp_path / "out"),
         "tensorboard": False,
+        "strict": True,
+        "system_prompt": "Answer briefly.",
     }
     for key, value in expected.items():
         assert v[key] == value, key
@@ -202,7 +207,9 @@ def test_every_flag_reaches_the_training_arguments(tiny_installed, tmp_path):
         ds.validation_split,
         ds.train_on_inputs,
         ds.seed,
-    ) == ("alpaca", 128, 5, 0.25, True, 7)
+        ds.strict,
+        ds.system_prompt,
+    ) == ("alpaca", 128, 5, 0.25, True, 7, True, "Answer briefly.")
     # resume flags
     assert plan_for(tiny_installed, "--data", "d", "--resume").value("resume") == "latest"
     assert plan_for(tiny_installed, "--data", "d", "--resume-from", "runs/x").value("resume") == "runs/x"

@@ -172,27 +172,21 @@ def write_adapter_atomically(
 
 
 def data_settings_for(plan: TrainingPlan) -> Any:
-    """The data module's DataSettings from the plan (only the fields it defines)."""
-    from llm_installer.data import prepare
+    """The data pipeline's DataSettings from the plan."""
+    from llm_installer.data.prepare import DataSettings
 
-    cls = prepare.DataSettings
-    wanted = {
-        "format": None if plan.value("format") in (None, "auto") else plan.value("format"),
-        "max_seq_length": plan.value("max_seq_length"),
-        "max_examples": plan.value("max_examples"),
-        "validation_split": plan.value("validation_split"),
-        "train_on_inputs": plan.value("train_on_inputs"),
-        "seed": plan.value("seed"),
-        "strict": bool(plan.value("strict")),
-        "system_prompt": plan.value("system_prompt"),
+    return DataSettings(
+        format=None if plan.value("format") in (None, "auto") else plan.value("format"),
+        max_seq_length=plan.value("max_seq_length"),
+        max_examples=plan.value("max_examples"),
+        validation_split=plan.value("validation_split"),
+        train_on_inputs=plan.value("train_on_inputs"),
+        seed=plan.value("seed"),
+        strict=bool(plan.value("strict")),
+        system_prompt=plan.value("system_prompt"),
         # prepared data is cached per model folder, keyed by data + tokenizer + settings
-        "cache_dir": str(Path(plan.model["folder"]) / ".cache" / "data"),
-    }
-    if dataclasses.is_dataclass(cls):
-        names = {f.name for f in dataclasses.fields(cls)}
-    else:
-        names = set(getattr(cls, "model_fields", {}) or wanted)
-    return cls(**{k: v for k, v in wanted.items() if k in names})
+        cache_dir=str(Path(plan.model["folder"]) / ".cache" / "data"),
+    )
 
 
 def prepare_data(plan: TrainingPlan, tokenizer: Any, handler: Any, rejects_path: Path | None = None) -> Any:

@@ -142,6 +142,10 @@ class BaseHandler:
     default_model_family: ClassVar[str] = "transformer"
     # Set by the registry for handlers loaded from a user folder or an entry point.
     origin: ClassVar[str] = "built-in"
+    # The token that ends a chat turn in the family's template ("<|im_end|>" for ChatML): when set, the
+    # base get_training_parameters() makes special_tokens {"end_of_turn": it}, credited to the class
+    # that sets it. A subclass that wants more special tokens extends that dict in its own override.
+    end_of_turn_token: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -224,6 +228,9 @@ class BaseHandler:
             "dataset_preprocessing": copy.deepcopy(DEFAULT_PREPROCESSING),
             "special_requirements": {},
         }
+        if self.end_of_turn_token:
+            owner = next(c for c in type(self).__mro__ if "end_of_turn_token" in c.__dict__)
+            self.set_param(params, "special_tokens", {"end_of_turn": self.end_of_turn_token}, owner.__name__)
         if self.is_base_model():
             params["special_requirements"] = {
                 "base_model": True,

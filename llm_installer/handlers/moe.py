@@ -114,11 +114,7 @@ class QwenMoEHandler(MoEHandler):
                    "shared_expert.down_proj")  # fmt: skip
     best_seq_length = 2048
     default_chat_template = "chatml"
-
-    def get_training_parameters(self) -> dict[str, Any]:
-        params = super().get_training_parameters()
-        params["special_tokens"] = {"end_of_turn": "<|im_end|>"}
-        return params
+    end_of_turn_token = "<|im_end|>"
 
 
 class DeepSeekMoEHandler(MoEHandler):

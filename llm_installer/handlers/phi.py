@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from llm_installer.handlers.transformer import TransformerHandler
 
 
@@ -19,8 +17,4 @@ class Phi3Handler(TransformerHandler):
     mlp_modules = ("gate_up_proj", "down_proj")
     best_seq_length = 2048
     default_chat_template = "phi3"
-
-    def get_training_parameters(self) -> dict[str, Any]:
-        params = super().get_training_parameters()
-        params["special_tokens"] = {"end_of_turn": "<|end|>"}
-        return params
+    end_of_turn_token = "<|end|>"

@@ -20,11 +20,7 @@ class Qwen2Handler(TransformerHandler):
     mlp_modules = LLAMA_MLP
     best_seq_length = 2048
     default_chat_template = "chatml"
-
-    def get_training_parameters(self) -> dict[str, Any]:
-        params = super().get_training_parameters()
-        params["special_tokens"] = {"end_of_turn": "<|im_end|>"}
-        return params
+    end_of_turn_token = "<|im_end|>"
 
 
 class Qwen3Handler(Qwen2Handler):
@@ -39,7 +35,7 @@ class Qwen3Handler(Qwen2Handler):
     def get_training_parameters(self) -> dict[str, Any]:
         params = super().get_training_parameters()
         params["special_tokens"] = {
-            "end_of_turn": "<|im_end|>",
+            **params["special_tokens"],
             "think_start": "<think>",
             "think_end": "</think>",
         }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import socket
@@ -167,6 +168,42 @@ def _sampling(req: _Base, max_tokens: int | None) -> SamplingParams:
         frequency_penalty=req.frequency_penalty or 0.0,
         ignore_eos=bool(req.ignore_eos),
     )
+
+
+def _completion_body(
+    chat: bool,
+    cid: str,
+    created: int,
+    name: str,
+    text: str | None,
+    finish: str | None,
+    *,
+    chunk: bool = False,
+    usage: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """One response (or streamed chunk) of /v1/chat/completions (`chat`) or /v1/completions.
+
+    A chat choice holds its text as `message` (whole answer) or `delta` (chunk; empty at the end); a text
+    completion's choice holds it as `text`.
+    """
+    if not chat:
+        content: dict[str, Any] = {"text": text or ""}
+    elif chunk:
+        content = {"delta": {"content": text} if text is not None else {}}
+    else:
+        content = {"message": {"role": "assistant", "content": text, "refusal": None}}
+    out: dict[str, Any] = {
+        "id": cid,
+        "object": ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion",
+        "created": created,
+        "model": name,
+    }
+    if chat:
+        out["system_fingerprint"] = None
+    out["choices"] = [{"index": 0, **content, "logprobs": None, "finish_reason": finish}]
+    if usage is not None:
+        out["usage"] = usage
+    return out
 
 
 class _Guard:
@@ -374,6 +411,25 @@ def create_app(
         finally:  # the client went away (or we are done): free the slot
             handle.cancel()
 
+    async def _answer(request: Request, req: _Base, prompt_ids, adapter, params, name: str, *, chat: bool):
+        """Run a request and answer it in OpenAI's shape: a chat completion, or a text completion."""
+        cid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        handle, events = _submit(prompt_ids, adapter, params)
+        if req.stream:
+            chunk = functools.partial(_completion_body, chat, cid, created, name, chunk=True)
+            first = None
+            if chat:  # the first chat chunk carries the assistant's role
+                first = chunk(None, None)
+                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(
+                _stream(handle, events, chunk, include_usage, first),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        text, ev = await _collect(request, handle, events)
+        return _completion_body(chat, cid, created, name, text, ev.finish_reason, usage=_usage(ev))
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatRequest = await _parse(request, ChatRequest)
@@ -400,49 +456,7 @@ def create_app(
         ]
         prompt_ids = await asyncio.to_thread(engine.chat_prompt_ids, messages)
         engine.check_prompt(prompt_ids, params, param="messages")
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        handle, events = _submit(prompt_ids, adapter, params)
-        if req.stream:
-
-            def chunk(text: str | None, finish: str | None, usage: dict | None = None) -> dict:
-                delta = {"content": text} if text is not None else {}
-                out = {
-                    "id": cid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": name,
-                    "system_fingerprint": None,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                }
-                if usage is not None:
-                    out["usage"] = usage
-                return out
-
-            first = chunk(None, None)
-            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(
-                _stream(handle, events, chunk, include_usage, first),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        text, ev = await _collect(request, handle, events)
-        return {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": name,
-            "system_fingerprint": None,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": ev.finish_reason,
-                }
-            ],
-            "usage": _usage(ev),
-        }
+        return await _answer(request, req, prompt_ids, adapter, params, name, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -473,37 +487,7 @@ def create_app(
                 raise APIError(400, f"token ids in 'prompt' must be in [0, {vocab}).", param="prompt")
             prompt_ids = list(prompt)
         engine.check_prompt(prompt_ids, params, param="prompt")
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        handle, events = _submit(prompt_ids, adapter, params)
-        if req.stream:
-
-            def chunk(text: str | None, finish: str | None, usage: dict | None = None) -> dict:
-                out = {
-                    "id": cid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": name,
-                    "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}],
-                }
-                if usage is not None:
-                    out["usage"] = usage
-                return out
-
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(
-                _stream(handle, events, chunk, include_usage, None),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        text, ev = await _collect(request, handle, events)
-        return {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": name,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": ev.finish_reason}],
-            "usage": _usage(ev),
-        }
+        return await _answer(request, req, prompt_ids, adapter, params, name, chat=False)
 
     app.add_middleware(_Guard, limit=max_body_bytes, api_key=api_key)
     return app

@@ -10,6 +10,11 @@ counts examples, so learning rates and step counts keep their usual meaning.
 Every example's first label is set to -100: in a packed row the token before it belongs to another
 example, and in an unpacked one the first token is never predicted anyway, so both layouts see the same
 targets.
+
+Image and video examples (vision-language models) always take the padded layout: a packed row would have to
+carry several examples' pixel tensors and the vision tower's tokens per example, which padding-free packing
+cannot express; `PaddedCollator` concatenates their media tensors along the first dimension, as the
+models' own processors do for a batch.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 IGNORE = -100
+# Per-example tensors a vision-language processor adds beside input_ids; batched by concatenation.
+MEDIA_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def _example(ex: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -92,8 +99,31 @@ class PaddingFreeCollator:
         }
 
 
+def _media_tensor(key: str, values: list[Any]) -> Any:
+    """One batch tensor from the examples' `key` tensors (concatenated along dim 0).
+
+    LLaVA-NeXT style `pixel_values` (images x patches x C x H x W) differ in their patch count from image to
+    image; they are zero-padded to the largest, which is what the processor itself does inside a batch (the
+    model drops the padding patches using `image_sizes`).
+    """
+    import torch
+
+    tensors = [torch.as_tensor(v) for v in values]
+    if (
+        key == "pixel_values"
+        and len({t.shape[1:] for t in tensors}) > 1
+        and all(t.dim() == 5 for t in tensors)
+    ):
+        most = max(t.shape[1] for t in tensors)
+        tensors = [
+            torch.cat([t, t.new_zeros((t.shape[0], most - t.shape[1], *t.shape[2:]))], dim=1) for t in tensors
+        ]
+    return torch.cat(tensors)
+
+
 class PaddedCollator:
-    """Classic right-padded batch with an attention mask (`--no-packing`, and models that need a mask)."""
+    """Classic right-padded batch with an attention mask (`--no-packing`, image/video data, and models that
+    need a mask); media tensors (MEDIA_KEYS) of the examples that have them are concatenated."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
@@ -111,9 +141,14 @@ class PaddedCollator:
             input_ids.append(ids + [self.pad_token_id] * pad)
             labels.append(lab + [IGNORE] * pad)
             mask.append([1] * len(ids) + [0] * pad)
-        return {
+        batch = {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "attention_mask": torch.tensor(mask, dtype=torch.long),
             "num_real_tokens": torch.tensor(real, dtype=torch.long),
         }
+        for key in MEDIA_KEYS:
+            values = [f[key] for f in features if f.get(key) is not None]
+            if values:
+                batch[key] = _media_tensor(key, values)
+        return batch

@@ -49,9 +49,16 @@ def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
 
     from llm_installer import hardware
     from llm_installer.console import console as default_console
-    from llm_installer.train.trainer import load_components, load_tokenizer_for, prepare_data
+    from llm_installer.train.trainer import (
+        load_components,
+        load_tokenizer_for,
+        media_keys,
+        prepare_run_data,
+        settings_for_media,
+    )
 
     console = console or default_console
+    plan = TrainingPlan.from_dict(plan)  # image data changes packing below: not the caller's plan
     folder, info, handler = load_components(plan)
 
     t = Table(title=f"Training plan for {plan.model['model_id']} (handler {plan.model['handler']})")
@@ -83,7 +90,14 @@ def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
     data_summary: dict[str, Any] = {}
     if plan.value("data"):
         tokenizer = load_tokenizer_for(folder, handler, info)
-        data = prepare_data(plan, tokenizer, handler)
+        data = prepare_run_data(plan, folder, info, tokenizer, handler)
+        media = media_keys([*data.train, *data.validation])
+        if settings_for_media(plan, media):
+            console.print(
+                "packing is off for image data: padded batches (packed rows cannot carry per-example "
+                f"pixel tensors); attention {plan.value('attn_implementation')}",
+                soft_wrap=True,
+            )
         lengths = [len(e["input_ids"]) for e in data.train]
         labelled = sum(sum(1 for t in e["labels"] if t != -100) for e in data.train)
         data_summary = {
@@ -94,6 +108,9 @@ def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
             "max_length": max(lengths) if lengths else 0,
             "fingerprint": getattr(data, "fingerprint", None),
         }
+        if media:
+            data_summary["media"] = ", ".join(media)
+            data_summary["packing"] = plan.value("packing")
         dt = Table(title=f"Data: {plan.value('data')}")
         dt.add_column("item")
         dt.add_column("value", justify="right")

@@ -8,12 +8,16 @@ from typing import Any
 IGNORE = -100
 
 
-def held_out_prompts(examples: list[dict[str, Any]], n: int) -> list[dict[str, list[int]]]:
+def held_out_prompts(examples: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     """Up to `n` (prompt ids, expected ids) pairs: the tokens before the first label, and the labelled ones.
 
     The prompt is the rendered conversation up to the answer (chat template and generation prompt
-    included), so generating from it asks the model exactly what training taught.
+    included), so generating from it asks the model exactly what training taught. An image or video
+    example's prompt also keeps its media tensors (`media`: pixel_values etc.), so a vision-language model
+    answers about the picture it was trained on.
     """
+    from llm_installer.train.collate import MEDIA_KEYS
+
     out = []
     for ex in examples:
         labels = ex["labels"]
@@ -21,7 +25,11 @@ def held_out_prompts(examples: list[dict[str, Any]], n: int) -> list[dict[str, l
         if first is None or first == 0:
             continue
         expected = [t for t in labels[first:] if t != IGNORE]
-        out.append({"prompt": list(ex["input_ids"][:first]), "expected": expected})
+        prompt: dict[str, Any] = {"prompt": list(ex["input_ids"][:first]), "expected": expected}
+        media = {k: ex[k] for k in MEDIA_KEYS if ex.get(k) is not None}
+        if media:
+            prompt["media"] = media
+        out.append(prompt)
         if len(out) >= n:
             break
     return out
@@ -30,12 +38,12 @@ def held_out_prompts(examples: list[dict[str, Any]], n: int) -> list[dict[str, l
 def generate_answers(
     model: Any,
     tokenizer: Any,
-    prompts: list[dict[str, list[int]]],
+    prompts: list[dict[str, Any]],
     *,
     max_new_tokens: int,
     stop_ids: list[int] | None = None,
 ) -> list[str]:
-    """Greedy answers to `prompts` (batch 1 each, the model's own generate)."""
+    """Greedy answers to `prompts` (batch 1 each, the model's own generate; with the prompt's images)."""
     import torch
 
     if not prompts:
@@ -49,9 +57,11 @@ def generate_answers(
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p["prompt"]], device=device)
+            media = {k: torch.as_tensor(v).to(device) for k, v in (p.get("media") or {}).items()}
             out = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
+                **media,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 eos_token_id=eos,
@@ -102,7 +112,7 @@ def write_report(
     *,
     info: dict[str, Any],
     tokenizer: Any,
-    prompts: list[dict[str, list[int]]],
+    prompts: list[dict[str, Any]],
     before: list[str],
     after: list[str],
 ) -> Path:

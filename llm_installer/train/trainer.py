@@ -219,6 +219,90 @@ def load_tokenizer_for(folder: Any, handler: Any, info: Any) -> Any:
     return tok
 
 
+def load_data_processor(folder: Any, info: Any, tokenizer: Any) -> Any:
+    """A vision-language model's processor (sharing `tokenizer`), so that image and video records become
+    pixel tensors; None for text models, or when the folder's processor cannot be loaded."""
+    if getattr(info, "task", None) != "vision_language":
+        return None
+    from llm_installer.loading import load_processor
+
+    processor = load_processor(
+        folder.model_dir, trust_remote_code=bool(getattr(info, "trust_remote_code", False))
+    )
+    if processor is None or not (
+        hasattr(processor, "image_processor") or hasattr(processor, "video_processor")
+    ):
+        return None
+    if getattr(processor, "tokenizer", None) is not None:
+        processor.tokenizer = tokenizer  # the handler-configured tokenizer the rest of the run uses
+    return processor
+
+
+def prepare_run_data(
+    plan: TrainingPlan, folder: Any, info: Any, tokenizer: Any, handler: Any, rejects_path: Path | None = None
+) -> Any:
+    """prepare_data with the model's processor for vision-language models (images -> pixel_values)."""
+    from llm_installer.errors import DataError
+
+    processor = load_data_processor(folder, info, tokenizer)
+    try:
+        return prepare_data(plan, processor or tokenizer, handler, rejects_path=rejects_path)
+    except DataError as exc:
+        if processor is not None or "no image processor" not in str(exc):
+            raise
+        if getattr(info, "task", None) == "vision_language":
+            raise DataError(
+                f"--data {plan.value('data')}: the data has images or video but the processor of "
+                f"{info.model_id} could not be loaded from {folder.model_dir} (Qwen2-VL's needs torchvision); "
+                "fix the processor or use text-only data"
+            ) from None
+        raise DataError(
+            f"--data {plan.value('data')}: the data has images or video but {info.model_id} is a text-only "
+            "model: train a vision-language model (such as a LLaVA) on it or use text-only data"
+        ) from None
+
+
+def media_keys(examples: list[dict[str, Any]]) -> list[str]:
+    """The keys beside input_ids/labels that the examples carry (pixel_values etc. for image data)."""
+    keys: set[str] = set()
+    for ex in examples:
+        if len(ex) > 2:  # text examples hold input_ids and labels only
+            keys.update(
+                k for k, v in ex.items() if v is not None and not (hasattr(v, "__len__") and not len(v))
+            )
+    return sorted(keys - {"input_ids", "labels"})
+
+
+def settings_for_media(plan: TrainingPlan, keys: list[str]) -> bool:
+    """Switch the plan to padded batches for image/video examples; refuse keys no collator can batch.
+
+    Padding-free packing cannot carry per-example pixel tensors, so such data trains with padded, masked
+    rows (and plain sdpa, since packed_sdpa was chosen for packed rows); the plan records why, with source
+    `data`. Returns True when the plan changed.
+    """
+    from llm_installer.train.collate import MEDIA_KEYS
+
+    unknown = [k for k in keys if k not in MEDIA_KEYS]
+    if unknown:
+        raise UserError(
+            f"--data {plan.value('data')}: the model's processor gives "
+            f"{', '.join(unknown)}, which the trainer cannot batch yet (it batches {', '.join(MEDIA_KEYS)}); "
+            "use text-only data for this model"
+        )
+    if not keys:
+        return False
+    why = "image/video examples: padded batches (packed rows cannot carry per-example pixel tensors)"
+    changed = False
+    if plan.value("packing"):
+        plan["settings"]["packing"] = {"value": False, "source": "data", "why": why}
+        changed = True
+    # packed_sdpa was derived from packing; padded rows (and the vision tower) take plain sdpa
+    if plan.value("attn_implementation") == "packed_sdpa":
+        plan["settings"]["attn_implementation"] = {"value": "sdpa", "source": "data", "why": why}
+        changed = True
+    return changed
+
+
 def load_training_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any) -> Any:
     """Base model in the plan's precision (4-bit for QLoRA), prepared by the handler, wrapped with LoRA/DoRA."""
     import torch
@@ -309,9 +393,13 @@ class _LossTrainer:
         import torch
         from transformers import Trainer
 
+        from llm_installer.train.collate import MEDIA_KEYS
         from llm_installer.train.loss import causal_lm_loss
 
         head_on_labels = bool(plan.value("head_on_labels"))
+
+        def head_only(inputs):  # the head-only shortcut has no vision tower: image batches use the forward
+            return head_on_labels and not any(k in inputs for k in MEDIA_KEYS)
 
         class LLMTrainer(Trainer):
             loss_is_scaled_for_ga = False
@@ -322,14 +410,14 @@ class _LossTrainer:
                     if real is not None:
                         stats.real_tokens += int(real)
                     stats.computed_tokens += int(inputs["input_ids"].numel())
-                loss = causal_lm_loss(model, inputs, head_on_labels=head_on_labels)
+                loss = causal_lm_loss(model, inputs, head_on_labels=head_only(inputs))
                 return (loss, None) if return_outputs else loss
 
             def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
                 inputs = self._prepare_inputs(inputs)
                 inputs.pop("num_real_tokens", None)
                 with torch.no_grad(), self.compute_loss_context_manager():
-                    loss = causal_lm_loss(model, inputs, head_on_labels=head_on_labels)
+                    loss = causal_lm_loss(model, inputs, head_on_labels=head_only(inputs))
                 return loss.detach(), None, None
 
         return LLMTrainer(**kwargs)
@@ -428,7 +516,12 @@ def run_training(
     else:
         run_dir = new_run_dir(folder.runs_dir)
     try:
-        data = prepare_data(plan, tokenizer, handler, rejects_path=run_dir / "rejects.jsonl")
+        data = prepare_run_data(
+            plan, folder, info, tokenizer, handler, rejects_path=run_dir / "rejects.jsonl"
+        )
+        # image/video examples (pixel_values etc.) train in padded batches: recorded in the plan before it
+        # is fingerprinted, so a resumed run makes the same choice
+        packing_off = settings_for_media(plan, media_keys([*data.train, *data.validation]))
     except BaseException:
         if resumed_from is None:  # leave no empty run folder behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -437,19 +530,10 @@ def run_training(
     val_set = list(data.validation)
     if not train_set:
         raise UserError(f"--data {plan.value('data')}: no usable training example after preparation")
-    extra_keys = sorted(
-        {
-            k
-            for ex in train_set[:50]
-            for k, v in ex.items()
-            if v is not None and not (hasattr(v, "__len__") and not len(v))
-        }
-        - {"input_ids", "labels"}
-    )
-    if extra_keys:
-        raise UserError(
-            f"--data {plan.value('data')}: examples carry {', '.join(extra_keys)} (images/video); the trainer "
-            "trains text examples only so far: use text-only data for this model"
+    if packing_off:
+        console.print(
+            "packing is off for image data: padded batches (packed rows cannot carry per-example pixel tensors)",
+            soft_wrap=True,
         )
     data_fp = str(getattr(data, "fingerprint", ""))
     fingerprint = plan.fingerprint(data_fp)

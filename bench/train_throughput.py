@@ -1,8 +1,9 @@
 """Training throughput: our trainer vs a plain transformers Trainer + PEFT script, on SmolLM2-135M.
 
-Both train the same LoRA (rank, alpha, target modules), on the same tokenized examples (prompt-masked,
-same sequence limit), for the same number of examples, each in its own subprocess so peak resident memory
-is measured fairly. The baseline is the script a user would write: dynamic padding
+Both train the same LoRA (rank, alpha, target modules) on the same tokenized examples (prompt-masked, same
+sequence limit) in the same order (the same Trainer sampler and seed), so every step sees the same batch;
+each runs in its own subprocess so peak resident memory is measured fairly. The held-out loss is taken on
+separately generated examples neither contestant trains on. The baseline is the script a user would write: dynamic padding
 (DataCollatorForSeq2Seq), random order, LoRA dropout 0.05, float32. Ours is `run_training(plan)` with the
 plan `--mode fast` gives on this machine.
 
@@ -11,7 +12,9 @@ loss after training; then the ratios and one final line:
 
     speedup=X.XX memory_ratio=Y.YY loss_delta=Z.ZZZ
 
-Usage: python bench/train_throughput.py [--steps 8] [--batch-size 4] [--examples 64] [--model-dir DIR]
+Usage: python bench/train_throughput.py [--batch-size 4] [--examples 48] [--steps N] [--model-dir DIR]
+By default both train exactly one epoch over the same examples (each in its own random order, so the batch
+mix differs but the tokens are the same).
 (without --model-dir the bundled GGUF is converted once into ~/.cache/llm-installer/bench-smollm2).
 """
 
@@ -112,18 +115,13 @@ def heldout_loss(model, examples) -> float:
     return total / count
 
 
-def worker_ours(args) -> dict:
-    from peft import PeftModel
-
-    from llm_installer.loading import load_model
+def bench_plan(args) -> dict:
+    """The `--mode fast` plan ours runs with; the baseline takes its training examples from the same plan."""
     from llm_installer.store import ModelFolder
     from llm_installer.train.plan import build_plan
-    from llm_installer.train.trainer import run_training
 
-    folder = ModelFolder(Path(args.folder))
-    out = Path(args.workdir) / "ours-lora"
     plan = build_plan(
-        folder,
+        ModelFolder(Path(args.folder)),
         {
             "data": args.data,
             "mode": "fast",
@@ -136,22 +134,41 @@ def worker_ours(args) -> dict:
             "learning_rate": LR,
             "validation_split": 0.0,
             "seed": 0,
-            "output": str(out),
+            "output": str(Path(args.workdir) / "ours-lora"),
             "tensorboard": False,
             "force_epochs": True,
         },
     )
     plan["settings"]["report_prompts"]["value"] = 0
+    return plan
+
+
+def heldout_examples(folder_root: Path, heldout: str) -> list:
+    _, prep = prepared(folder_root, Path(heldout), 0)
+    return list(prep.train)
+
+
+def worker_ours(args) -> dict:
+    from peft import PeftModel
+
+    from llm_installer.loading import load_model
+    from llm_installer.store import ModelFolder
+    from llm_installer.train.trainer import run_training
+
+    folder = ModelFolder(Path(args.folder))
+    plan = bench_plan(args)
     res = run_training(plan, show_progress=False)
     m = res.metrics
-    _, prep = prepared(folder.root, Path(args.data), args.val)
-    model = PeftModel.from_pretrained(load_model(folder.model_dir, dtype="fp32"), str(out))
+    model = PeftModel.from_pretrained(
+        load_model(folder.model_dir, dtype="fp32"), str(plan["settings"]["output"]["value"])
+    )
     return {
         "tokens_per_s": m["trained_tokens"] / m["train_seconds"],
         "padding_fraction": m["padding_fraction"],
         "s_per_step": m["train_seconds"] / m["global_step"],
         "steps": m["global_step"],
-        "heldout_loss": heldout_loss(model, prep.validation),
+        "tokens": m["trained_tokens"],
+        "heldout_loss": heldout_loss(model, heldout_examples(folder.root, args.heldout)),
     }
 
 
@@ -168,9 +185,15 @@ def worker_baseline(args) -> dict:
     )
 
     from llm_installer.store import ModelFolder
+    from llm_installer.train.plan import TrainingPlan
+    from llm_installer.train.trainer import load_components, load_tokenizer_for, prepare_data
 
     folder = ModelFolder(Path(args.folder))
-    tok, prep = prepared(folder.root, Path(args.data), args.val)
+    # the very examples ours trains on, in the same order (same Trainer sampler, same seed)
+    plan = TrainingPlan.from_dict(bench_plan(args))
+    _, info, handler = load_components(plan)
+    tok = load_tokenizer_for(folder, handler, info)
+    train = list(prepare_data(plan, tok, handler).train)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(folder.model_dir), dtype=torch.float32)
     model = get_peft_model(
@@ -208,11 +231,12 @@ def worker_baseline(args) -> dict:
         report_to=[],
         use_cpu=True,
         seed=0,
+        data_seed=0,
         disable_tqdm=True,
         remove_unused_columns=False,
     )
     trainer = Trainer(
-        model=model, args=targs, train_dataset=list(prep.train), data_collator=collate, callbacks=[Clock()]
+        model=model, args=targs, train_dataset=train, data_collator=collate, callbacks=[Clock()]
     )
     trainer.train()
     seconds = times["t1"] - times["t0"]
@@ -221,7 +245,8 @@ def worker_baseline(args) -> dict:
         "padding_fraction": 1 - counts["real"] / counts["computed"],
         "s_per_step": seconds / args.steps,
         "steps": args.steps,
-        "heldout_loss": heldout_loss(model, prep.validation),
+        "tokens": counts["real"],
+        "heldout_loss": heldout_loss(model, heldout_examples(folder.root, args.heldout)),
     }
 
 
@@ -229,7 +254,8 @@ def levers(args) -> None:
     """Ablation: one optimizer step's time for each lever added in turn, on the same batches, in one process.
 
     Rows: plain padded batch + full head + LoRA dropout 0.05 (the baseline's step), then dropout 0, then
-    padding-free packing, then the labels-only head. Each variant runs `--steps` batches, interleaved, so
+    padding-free packing, then the labels-only head, then the fused LoRA layers. With --cpu-time each
+    variant is timed by process CPU time on one thread, which other jobs on a shared machine barely move. Each variant runs `--steps` batches, interleaved, so
     a busy machine slows all of them alike.
     """
     import torch
@@ -238,6 +264,7 @@ def levers(args) -> None:
     from llm_installer.loading import load_model
     from llm_installer.store import ModelFolder
     from llm_installer.train.collate import PaddedCollator, PaddingFreeCollator
+    from llm_installer.train.lora_fast import fuse_lora_layers, unfuse_lora_layers
     from llm_installer.train.loss import causal_lm_loss
 
     folder = ModelFolder(ensure_model(args.model_dir))
@@ -261,28 +288,36 @@ def levers(args) -> None:
     pad = tok.pad_token_id
     one_row = MAX_LEN * args.batch_size
     variants = [
-        ("padded, full head, dropout 0.05", PaddedCollator(pad), False, 0.05, "sdpa"),
-        ("+ LoRA dropout 0", PaddedCollator(pad), False, 0.0, "sdpa"),
-        ("+ packed rows (<=512, masked SDPA)", PaddingFreeCollator(pad, MAX_LEN), False, 0.0, "sdpa"),
-        ("+ one row, per-example SDPA", PaddingFreeCollator(pad, one_row), False, 0.0, "packed_sdpa"),
-        ("+ head on labels only", PaddingFreeCollator(pad, one_row), True, 0.0, "packed_sdpa"),
+        ("padded, full head, dropout 0.05", PaddedCollator(pad), False, 0.05, "sdpa", False),
+        ("+ LoRA dropout 0", PaddedCollator(pad), False, 0.0, "sdpa", False),
+        ("+ packed rows (<=512, masked SDPA)", PaddingFreeCollator(pad, MAX_LEN), False, 0.0, "sdpa", False),
+        ("+ one row, per-example SDPA", PaddingFreeCollator(pad, one_row), False, 0.0, "packed_sdpa", False),
+        ("+ head on labels only", PaddingFreeCollator(pad, one_row), True, 0.0, "packed_sdpa", False),
+        ("+ fused LoRA layers", PaddingFreeCollator(pad, one_row), True, 0.0, "packed_sdpa", True),
     ]
     times = {name: 0.0 for name, *_ in variants}
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    if args.cpu_time:
+        torch.set_num_threads(1)
     real = sum(len(e["input_ids"]) for b in batches for e in b)
     base = model.get_base_model()
     for batch in batches:
-        for name, collate, head, dropout, attn in variants:
+        for name, collate, head, dropout, attn, fused in variants:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = dropout
             base.set_attn_implementation(attn)
+            if fused:
+                fuse_lora_layers(model)
+            else:
+                unfuse_lora_layers(model)
             inputs = collate(batch)
             inputs.pop("num_real_tokens")
-            t0 = time.perf_counter()
+            t0 = clock()
             loss = causal_lm_loss(model, inputs, head_on_labels=head)
             loss.backward()
             model.zero_grad(set_to_none=True)
-            times[name] += time.perf_counter() - t0
+            times[name] += clock() - t0
     first = times[variants[0][0]]
     print(
         f"{args.steps} batches x {args.batch_size} examples, {real} non-padding tokens, {torch.get_num_threads()} threads"
@@ -290,20 +325,54 @@ def levers(args) -> None:
     for name, *_ in variants:
         print(f"{name:34} {real / times[name]:8.1f} tok/s  x{first / times[name]:.2f}")
 
+    # The floor of the last variant: the time its matrix multiplications alone take (profiled, same batches).
+    # Everything else (attention, norms, activations, autograd) is overhead; with exact fp32 arithmetic the
+    # step cannot run faster than this on this CPU.
+    from torch.profiler import ProfilerActivity, profile
+
+    name, collate, head = variants[-1][0], variants[-1][1], variants[-1][2]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in batches:
+            inputs = collate(batch)
+            inputs.pop("num_real_tokens")
+            causal_lm_loss(model, inputs, head_on_labels=head).backward()
+            model.zero_grad(set_to_none=True)
+    matmul_s = (
+        sum(
+            e.self_cpu_time_total
+            for e in prof.key_averages()
+            if e.key in ("aten::mm", "aten::addmm", "aten::addmm_")
+        )
+        / 1e6
+    )
+    print(
+        f"{'matmuls alone (the fp32 ceiling)':34} {real / matmul_s:8.1f} tok/s  x{first * 1.0 / matmul_s:.2f}"
+        f"  ({matmul_s / times[name]:.0%} of the last step's time)"
+    )
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps (default: one epoch, so both see every example)",
+    )
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--examples", type=int, default=96)
+    p.add_argument("--examples", type=int, default=48)
     p.add_argument("--val", type=int, default=8, help="held-out examples for the loss comparison")
     p.add_argument("--model-dir", default=None)
     p.add_argument("--levers", action="store_true", help="time each optimisation in turn instead")
+    p.add_argument("--cpu-time", action="store_true", help="with --levers: one thread, process CPU time")
     p.add_argument("--worker", choices=["ours", "baseline"])
     p.add_argument("--folder")
     p.add_argument("--data")
+    p.add_argument("--heldout")
     p.add_argument("--workdir")
     args = p.parse_args()
+    if args.steps is None:
+        args.steps = -(-args.examples // args.batch_size)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -321,8 +390,9 @@ def main() -> None:
         return
     folder = ensure_model(args.model_dir)
     with tempfile.TemporaryDirectory(prefix="llm-bench-") as tmp:
-        data = Path(tmp) / "bench.jsonl"
+        data, heldout = Path(tmp) / "bench.jsonl", Path(tmp) / "heldout.jsonl"
         make_dataset(data, args.examples)
+        make_dataset(heldout, args.val, seed=1)  # never trained on by either contestant
         results = {}
         for who in ("baseline", "ours"):
             cmd = [
@@ -340,8 +410,8 @@ def main() -> None:
                 str(args.steps),
                 "--batch-size",
                 str(args.batch_size),
-                "--val",
-                str(args.val),
+                "--heldout",
+                str(heldout),
             ]
             proc = subprocess.run(
                 cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO))
@@ -355,11 +425,11 @@ def main() -> None:
         f"SmolLM2-135M LoRA r={RANK} alpha={ALPHA} on {len(TARGETS)} projections, max {MAX_LEN} tokens, "
         f"{args.steps} steps x batch {args.batch_size}, {os.cpu_count()} CPU threads"
     )
-    print(f"{'':10} {'tok/s':>8} {'padding':>8} {'s/step':>8} {'peak GiB':>9} {'loss':>8}")
+    print(f"{'':10} {'tok/s':>8} {'tokens':>7} {'padding':>8} {'s/step':>8} {'peak GiB':>9} {'loss':>8}")
     for who, r in results.items():
         print(
-            f"{who:10} {r['tokens_per_s']:8.1f} {r['padding_fraction']:8.1%} {r['s_per_step']:8.2f} "
-            f"{r['peak_rss_gb']:9.2f} {r['heldout_loss']:8.4f}"
+            f"{who:10} {r['tokens_per_s']:8.1f} {r['tokens']:7d} {r['padding_fraction']:8.1%} "
+            f"{r['s_per_step']:8.2f} {r['peak_rss_gb']:9.2f} {r['heldout_loss']:8.4f}"
         )
     b, o = results["baseline"], results["ours"]
     speedup = o["tokens_per_s"] / b["tokens_per_s"]

@@ -193,3 +193,28 @@ def test_per_example_sdpa_on_one_packed_row_matches_the_reference(tiny_lm):
         tiny_lm.set_attn_implementation("sdpa")
     assert loss == pytest.approx(ref, abs=1e-5)
     assert packed.tolist() == plain.tolist()
+
+
+def test_per_example_sdpa_gradients_match_unpacked_examples(tiny_lm):
+    """packed_sdpa's backward (split per example, grouped-query heads) gives the unpacked gradients."""
+    from llm_installer.train.attention import register
+
+    examples = _examples([9, 4, 17, 2, 11], seed=7)
+    n_labels = sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples)
+    tiny_lm.zero_grad(set_to_none=True)
+    for ex in examples:  # reference: each example alone, losses summed token-weighted
+        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+        n = int((labels[:, 1:] != -100).sum())
+        (tiny_lm(input_ids=ids, labels=labels).loss * n / n_labels).backward()
+    ref = {k: p.grad.clone() for k, p in tiny_lm.named_parameters()}
+    tiny_lm.zero_grad(set_to_none=True)
+    batch = PaddingFreeCollator(pad_token_id=0, max_row_tokens=10_000)(examples)
+    batch.pop("num_real_tokens")
+    tiny_lm.set_attn_implementation(register())
+    try:
+        causal_lm_loss(tiny_lm, batch).backward()
+    finally:
+        tiny_lm.set_attn_implementation("sdpa")
+    for k, p in tiny_lm.named_parameters():
+        assert torch.allclose(p.grad, ref[k], atol=1e-5), k
+    tiny_lm.zero_grad(set_to_none=True)

@@ -255,6 +255,26 @@ def test_lora_flags_reach_the_peft_model(tiny_installed):
     assert trainable and all("lora_" in n for n in trainable)
 
 
+@pytest.mark.parametrize(("method", "fused"), [("lora", True), ("dora", False)])
+def test_plain_lora_trains_through_the_fused_layers(tiny_installed, method, fused):
+    """The plan decides (with its reason) and the trainer's model follows: DoRA keeps PEFT's layers."""
+    from llm_installer.handlers.registry import get_handler
+    from llm_installer.store import ModelFolder
+    from llm_installer.train.lora_fast import _fused_forward
+    from llm_installer.train.trainer import load_training_model
+
+    plan = plan_for(tiny_installed, "--data", "d", "--method", method)
+    assert plan.value("fused_lora") is fused
+    folder = ModelFolder(tiny_installed.root)
+    info = folder.load_info()
+    model = load_training_model(plan, folder, info, get_handler(info))
+    routed = [
+        m for m in model.modules() if getattr(m.__dict__.get("forward"), "__func__", None) is _fused_forward
+    ]
+    adapted = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert adapted and len(routed) == (len(adapted) if fused else 0)
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [

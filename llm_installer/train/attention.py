@@ -19,6 +19,27 @@ NAME = "packed_sdpa"
 _registered = False
 
 
+def _sdpa_has_gqa() -> bool:
+    import inspect
+
+    import torch.nn.functional as F
+
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: try a tiny call
+        import torch
+
+        try:
+            q = torch.zeros(1, 2, 1, 1)
+            F.scaled_dot_product_attention(q, q[:, :1], q[:, :1], enable_gqa=True)
+            return True
+        except TypeError:
+            return False
+
+
+_SDPA_GQA: bool = False
+
+
 def packed_sdpa_attention(
     module: Any,
     query: Any,
@@ -45,8 +66,12 @@ def packed_sdpa_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     groups = query.shape[1] // key.shape[1]
+    gqa = {}
     if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+        if _SDPA_GQA:
+            gqa = {"enable_gqa": True}  # no repeated copy of K/V per query head
+        else:
+            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     p = dropout if module.training else 0.0
     pos = position_ids.expand(query.shape[0], -1) if position_ids.shape[0] != query.shape[0] else position_ids
     rows = []
@@ -54,18 +79,17 @@ def packed_sdpa_attention(
         starts = (pos[b] == 0).nonzero().flatten().tolist()
         if not starts or starts[0] != 0:
             starts = [0, *starts]
-        bounds = [*starts, q_len]
+        lengths = [e - s for s, e in zip(starts, [*starts[1:], q_len], strict=True)]
+        # split (not slicing): its backward is one concatenation, where each slice's backward would
+        # allocate and fill a zero tensor of the whole row
         parts = [
-            F.scaled_dot_product_attention(
-                query[b : b + 1, :, s:e],
-                key[b : b + 1, :, s:e],
-                value[b : b + 1, :, s:e],
-                dropout_p=p,
-                is_causal=True,
-                scale=scaling,
+            F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, **gqa)
+            for q, k, v in zip(
+                query[b : b + 1].split(lengths, dim=2),
+                key[b : b + 1].split(lengths, dim=2),
+                value[b : b + 1].split(lengths, dim=2),
+                strict=True,
             )
-            for s, e in zip(bounds[:-1], bounds[1:], strict=False)
-            if e > s
         ]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
@@ -78,6 +102,8 @@ def register() -> str:
     if not _registered:
         from transformers import AttentionInterface
 
+        global _SDPA_GQA
+        _SDPA_GQA = _sdpa_has_gqa()
         AttentionInterface.register(NAME, packed_sdpa_attention)
         _registered = True
     return NAME

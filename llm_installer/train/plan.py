@@ -63,6 +63,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "system_prompt": (None, "the chat template's own default"),
     "packing": (True, "padding-free batches: no compute on padding, no cross-example attention"),
     "head_on_labels": (True, "output head only where the loss needs it"),
+    "fused_lora": (True, "LoRA layers in one fused forward/backward (plain LoRA, no dropout)"),
     "precision": ("fp32", "safe everywhere"),
     "gradient_checkpointing": (False, "not needed for small models"),
     "attn_implementation": ("sdpa", "PyTorch fused attention, packing-aware"),
@@ -451,6 +452,8 @@ def build_plan(
             r.settings["packing"]["source"],
             "packed rows: fused causal SDPA per example (sum of len^2, no mask, no padding)",
         )
+    if r.get("method") != "lora":
+        r.set("fused_lora", False, r.settings["method"]["source"], "DoRA/QLoRA layers run PEFT's own forward")
     if r.settings["lora_r"]["source"] == "user" and r.settings["lora_alpha"]["source"] != "user":
         r.set("lora_alpha", None, "user", "2 x rank")
     if r.get("lora_alpha") is None:

@@ -369,7 +369,12 @@ def load_training_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any
 
     with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+    if plan.value("fused_lora"):
+        from llm_installer.train.lora_fast import fuse_lora_layers
+
+        fuse_lora_layers(model)
+    return model
 
 
 def lora_target_kwargs(model: Any, plan: TrainingPlan, handler: Any) -> dict[str, Any]:

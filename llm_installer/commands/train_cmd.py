@@ -153,6 +153,12 @@ def train(
     from llm_installer.train.trainer import run_training
 
     result = run_training(plan)
+    from llm_installer.train.distributed import is_main
+
+    if not is_main():  # under torchrun / accelerate launch the main process reports for all
+        if result.interrupted:
+            raise typer.Exit(130)
+        return
     m = result.metrics
     console.print(f"adapter: {result.adapter_dir}", soft_wrap=True)
     console.print(
@@ -162,7 +168,8 @@ def train(
     )
     console.print(
         f"steps {m.get('global_step')}, last training loss {m.get('train_loss_last')}, best validation "
-        f"loss {m.get('best_eval_loss')}, {m.get('tokens_per_second')} tokens/s",
+        f"loss {m.get('best_eval_loss')}, {m.get('tokens_per_second')} tokens/s"
+        + (f" over {m['processes']} processes" if (m.get("processes") or 1) > 1 else ""),
         soft_wrap=True,
     )
     if result.interrupted:

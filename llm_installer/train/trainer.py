@@ -501,6 +501,7 @@ def run_training(
 
     from llm_installer.console import console as default_console
     from llm_installer.train import callbacks as cb
+    from llm_installer.train import distributed
     from llm_installer.train.collate import PaddedCollator, PaddingFreeCollator
     from llm_installer.train.report import generate_answers, held_out_prompts, plot_losses, write_report
 
@@ -510,6 +511,13 @@ def run_training(
     if threads and plan.value("device") == "cpu":
         torch.set_num_threads(int(threads))
     set_seed(int(plan.value("seed")))
+    # under torchrun / accelerate launch: one run folder, output and files from the main process only
+    distributed.init()
+    main = distributed.is_main()
+    if not main:
+        from rich.console import Console
+
+        console, show_progress = Console(quiet=True), False
 
     folder, info, handler = load_components(plan)
     tokenizer = load_tokenizer_for(folder, handler, info)
@@ -519,16 +527,22 @@ def run_training(
         resumed_from = find_resume_checkpoint(folder.runs_dir, str(plan.value("resume")))
         run_dir = resumed_from.parent
     else:
-        run_dir = new_run_dir(folder.runs_dir)
+        run_dir = distributed.broadcast(new_run_dir(folder.runs_dir) if main else None)
     try:
-        data = prepare_run_data(
-            plan, folder, info, tokenizer, handler, rejects_path=run_dir / "rejects.jsonl"
-        )
+        with distributed.main_first():  # the main process fills the prepared-data cache, the others read it
+            data = prepare_run_data(
+                plan,
+                folder,
+                info,
+                tokenizer,
+                handler,
+                rejects_path=run_dir / "rejects.jsonl" if main else None,
+            )
         # image/video examples (pixel_values etc.) train in padded batches: recorded in the plan before it
         # is fingerprinted, so a resumed run makes the same choice
         packing_off = settings_for_media(plan, media_keys([*data.train, *data.validation]))
     except BaseException:
-        if resumed_from is None:  # leave no empty run folder behind
+        if resumed_from is None and main:  # leave no empty run folder behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     train_set = list(data.train)
@@ -557,14 +571,16 @@ def run_training(
         "data_fingerprint": data_fp,
         "plan": plan,
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "processes": distributed.world_size(),
     }
-    (run_dir / RUN_INFO).write_text(json.dumps(run_info, indent=2, default=str), encoding="utf-8")
+    if main:
+        (run_dir / RUN_INFO).write_text(json.dumps(run_info, indent=2, default=str), encoding="utf-8")
     if plan.value("tensorboard"):
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
 
     model = load_training_model(plan, folder, info, handler)
     stop_ids = handler.get_stop_token_ids(tokenizer) if hasattr(handler, "get_stop_token_ids") else None
-    prompts = held_out_prompts(val_set or train_set, int(plan.value("report_prompts") or 0))
+    prompts = held_out_prompts(val_set or train_set, int(plan.value("report_prompts") or 0)) if main else []
     max_new = int(plan.value("report_max_new_tokens") or 32)
     with model.disable_adapter():
         before = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new, stop_ids=stop_ids)
@@ -594,7 +610,7 @@ def run_training(
                 plateau_tolerance=float(plan.value("plateau_tolerance")),
             )
         )
-    callbacks.append(cb.BestTracker(stats, keep_dir))
+    callbacks.append(cb.BestTracker(stats, keep_dir if main else None))
     flag = cb.InterruptFlag()
     callbacks.append(cb.InterruptCallback(flag, stats))
     callbacks.append(cb.ProgressCallback(stats, console, enabled=show_progress))
@@ -618,6 +634,9 @@ def run_training(
     with flag:
         output = trainer.train(resume_from_checkpoint=str(resumed_from) if resumed_from else None)
     stats.train_seconds = time.perf_counter() - t0
+    # every process trained on its own share of the batches: throughput counts them all
+    stats.real_tokens = distributed.total(stats.real_tokens)
+    stats.computed_tokens = distributed.total(stats.computed_tokens)
     state = trainer.state
     interrupted = flag.requested
     if stats.stop_reason is None:
@@ -653,6 +672,7 @@ def run_training(
         else None,
         "trained_tokens": stats.real_tokens,
         "padding_fraction": round(stats.padding_fraction, 4),
+        "processes": distributed.world_size(),
     }
     adapter_info = {
         "base_model": {
@@ -686,6 +706,17 @@ def run_training(
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "versions": _versions(),
     }
+    target = Path(plan.value("output")).expanduser() if plan.value("output") else folder.lora_dir
+    if not main:  # the main process writes the report, the plot and the adapter; wait until it has
+        distributed.barrier()
+        return TrainResult(
+            stop_reason=stats.stop_reason,
+            adapter_dir=target,
+            run_dir=run_dir,
+            metrics=metrics,
+            interrupted=interrupted,
+            resumed_from=resumed_from,
+        )
     plot = plot_losses(state.log_history, run_dir / "loss.png", f"{info.model_id} ({plan.value('mode')})")
     report = write_report(
         run_dir / "report.md",
@@ -699,7 +730,6 @@ def run_training(
         json.dumps({"metrics": metrics, "log_history": state.log_history}, indent=2, default=str),
         encoding="utf-8",
     )
-    target = Path(plan.value("output")).expanduser() if plan.value("output") else folder.lora_dir
     adapter_dir = write_adapter_atomically(model, target, adapter_info, [plot, report])
     run_info.update(
         finished=_dt.datetime.now().isoformat(timespec="seconds"),
@@ -708,6 +738,7 @@ def run_training(
         metrics=metrics,
     )
     (run_dir / RUN_INFO).write_text(json.dumps(run_info, indent=2, default=str), encoding="utf-8")
+    distributed.barrier()
     return TrainResult(
         stop_reason=stats.stop_reason,
         adapter_dir=adapter_dir,

@@ -28,6 +28,12 @@ def collate(features: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_o
         labels[row, :n] = torch.as_tensor(f["labels"])
         mask[row, :n] = 1
     batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(f.get("token_type_ids") is not None for f in features):  # Gemma 3: 1 marks an image token
+        types = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, f in enumerate(features):
+            if f.get("token_type_ids") is not None:
+                types[row, : len(f["token_type_ids"])] = torch.as_tensor(f["token_type_ids"])
+        batch["token_type_ids"] = types
     for key in ("pixel_values", "image_sizes", "pixel_values_videos", "image_grid_thw", "video_grid_thw"):
         if key in features[0]:
             batch[key] = torch.cat([torch.as_tensor(f[key]) for f in features if key in f])

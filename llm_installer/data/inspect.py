@@ -111,7 +111,7 @@ def inspect_data(
         return report
     from llm_installer.data.prepare import split_processor
 
-    text_tok, _ = split_processor(tokenizer)
+    text_tok, processor = split_processor(tokenizer)
     template = getattr(text_tok, "chat_template", None)
     if not template and handler is not None and hasattr(handler, "get_chat_template"):
         template = handler.get_chat_template(text_tok)
@@ -119,8 +119,8 @@ def inspect_data(
     renderer = Renderer(
         text_tok,
         chat_template=template,
-        image_token=special.get("image_token"),
-        video_token=special.get("video_token"),
+        image_token=getattr(processor, "image_token", None) or special.get("image_token"),
+        video_token=getattr(processor, "video_token", None) or special.get("video_token"),
     )
     report.tokenizer_name = getattr(text_tok, "name_or_path", "") or type(text_tok).__name__
     rendered, kept = [], []

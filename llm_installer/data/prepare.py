@@ -196,23 +196,22 @@ def encode_records(
         for start in range(0, len(records), CHUNK):
             chunk = records[start : start + CHUNK]
             rendered, kept = [], []
-            texts: list[str] = []
             for record in chunk:
                 try:
                     r = renderer.render(record)
                     rendered.append(r)
                     kept.append(record)
-                    texts.append(r.text)
                 except RecordError as exc:
                     rejects.append(Reject(record.origin, f"{record.format}: {exc}", record.to_dict()))
-            for record, text, example in zip(kept, texts, renderer.encode(rendered), strict=True):
+            for record, rend, example in zip(kept, rendered, renderer.encode(rendered), strict=True):
                 answer_starts = example.pop("answer_token_starts")
                 n = len(example["input_ids"])
                 if processor is not None and (record.images or record.videos):
                     from llm_installer.data.media import attach_media
 
                     try:
-                        out.append(attach_media(example, record, processor, text, max_seq_length))
+                        spans = None if rend.raw else rend.spans
+                        out.append(attach_media(example, record, processor, rend.text, max_seq_length, spans))
                     except RecordError as exc:
                         rejects.append(Reject(record.origin, f"{record.format}: {exc}", record.to_dict()))
                     continue
@@ -368,8 +367,10 @@ def _prepare(spec: str | os.PathLike, tokenizer: Any, handler: Any, settings: Da
     supported = list(params.get("dataset_formats") or []) or None
     preprocessing = dict(params.get("dataset_preprocessing") or {})
     special = dict(params.get("special_tokens") or {})
-    image_token = special.get("image_token") or getattr(processor, "image_token", None)
-    video_token = special.get("video_token") or getattr(processor, "video_token", None)
+    # The placeholder the processor expands is the one it names itself (Gemma 3's is <start_of_image>, not
+    # the <image_soft_token> it expands it into); the handler's is for a processor that names none.
+    image_token = getattr(processor, "image_token", None) or special.get("image_token")
+    video_token = getattr(processor, "video_token", None) or special.get("video_token")
 
     notes: list[str] = []
     sources = resolve_spec(spec, notes)

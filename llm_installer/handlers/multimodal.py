@@ -141,7 +141,9 @@ class Gemma3VisionHandler(MultimodalHandler):
     architectures = ("Gemma3ForConditionalGeneration",)
     description = "Gemma 3 vision-language (SigLIP frozen; projector trained)"
     projector_modules = ("multi_modal_projector",)
-    image_token = "<image_soft_token>"
+    # The placeholder written in the text: Gemma3Processor expands each <start_of_image> into
+    # "\n\n<start_of_image>" + <image_soft_token> x 256 + "<end_of_image>\n\n".
+    image_token = "<start_of_image>"
     video_token = None
     default_chat_template = "gemma"
 
@@ -149,6 +151,7 @@ class Gemma3VisionHandler(MultimodalHandler):
         params = super().get_training_parameters()
         params["special_tokens"] = {
             **params["special_tokens"],
+            "image_soft_token": "<image_soft_token>",
             "image_start": "<start_of_image>",
             "image_end": "<end_of_image>",
             "end_of_turn": "<end_of_turn>",

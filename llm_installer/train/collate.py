@@ -25,6 +25,9 @@ from typing import Any
 IGNORE = -100
 # Per-example tensors a vision-language processor adds beside input_ids; batched by concatenation.
 MEDIA_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+# Per-token lists beside input_ids that some processors return (Gemma 3: 1 marks an image token); padded
+# with 0 like the ids, and passed to the model's forward with the media.
+TOKEN_KEYS = ("token_type_ids",)
 
 
 def _example(ex: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -147,6 +150,15 @@ class PaddedCollator:
             "attention_mask": torch.tensor(mask, dtype=torch.long),
             "num_real_tokens": torch.tensor(real, dtype=torch.long),
         }
+        for key in TOKEN_KEYS:
+            if any(f.get(key) is not None for f in features):
+                batch[key] = torch.tensor(
+                    [
+                        list(f.get(key) or [0] * len(f["input_ids"])) + [0] * (width - len(f["input_ids"]))
+                        for f in features
+                    ],
+                    dtype=torch.long,
+                )
         for key in MEDIA_KEYS:
             values = [f[key] for f in features if f.get(key) is not None]
             if values:

@@ -48,10 +48,10 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any], *, head_on_labels: bool =
     keep = targets != IGNORE
     parts = split_head(model) if head_on_labels else None
     if parts is None:
-        from llm_installer.train.collate import MEDIA_KEYS
+        from llm_installer.train.collate import MEDIA_KEYS, TOKEN_KEYS
 
         # vision-language batches: the images/videos go to the model's own forward with the text
-        media = {k: inputs[k] for k in MEDIA_KEYS if inputs.get(k) is not None}
+        media = {k: inputs[k] for k in (*MEDIA_KEYS, *TOKEN_KEYS) if inputs.get(k) is not None}
         out = model(**fwd, **media, use_cache=False)
         logits = out.logits[:, :-1]
         if not bool(keep.any()):

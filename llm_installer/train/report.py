@@ -27,6 +27,8 @@ def held_out_prompts(examples: list[dict[str, Any]], n: int) -> list[dict[str, A
         expected = [t for t in labels[first:] if t != IGNORE]
         prompt: dict[str, Any] = {"prompt": list(ex["input_ids"][:first]), "expected": expected}
         media = {k: ex[k] for k in MEDIA_KEYS if ex.get(k) is not None}
+        if media and ex.get("token_type_ids") is not None:
+            media["token_type_ids"] = [list(ex["token_type_ids"][:first])]
         if media:
             prompt["media"] = media
         out.append(prompt)

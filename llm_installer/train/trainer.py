@@ -280,9 +280,9 @@ def settings_for_media(plan: TrainingPlan, keys: list[str]) -> bool:
     rows (and plain sdpa, since packed_sdpa was chosen for packed rows); the plan records why, with source
     `data`. Returns True when the plan changed.
     """
-    from llm_installer.train.collate import MEDIA_KEYS
+    from llm_installer.train.collate import MEDIA_KEYS, TOKEN_KEYS
 
-    unknown = [k for k in keys if k not in MEDIA_KEYS]
+    unknown = [k for k in keys if k not in (*MEDIA_KEYS, *TOKEN_KEYS)]
     if unknown:
         raise UserError(
             f"--data {plan.value('data')}: the model's processor gives "

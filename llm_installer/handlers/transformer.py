@@ -112,7 +112,7 @@ class TransformerHandler(BaseHandler):
                 self.set_param(params, "training_precision", "fp32", label)
                 self.set_param(params, "supports_flash_attention", False, label)
         else:
-            # CPU (or Apple GPU): fp32 unless the CPU has native bf16 matmuls (bf16 is ~100x slower otherwise).
+            # CPU (or Apple GPU): fp32 unless the CPU has native bf16 matmuls (bf16 training is ~40x slower otherwise).
             self.set_param(params, "training_precision", hw.best_precision(), label)
             self.set_param(params, "supports_flash_attention", False, label)
 

@@ -378,7 +378,7 @@ def build_plan(
         else:
             was = r.get("precision")
             why = {
-                "cpu": "CPU without fast bf16 (AVX512-BF16/AMX): fp32 matmuls are ~100x faster than emulated bf16"
+                "cpu": "CPU without fast bf16 (AVX512-BF16/AMX): fp32 training matmuls are ~40x faster than emulated bf16"
                 if best == "fp32"
                 else "CPU with native bf16 matmuls",
                 "cuda": f"GPU compute capability {hw.compute_capability}",

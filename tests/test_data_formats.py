@@ -385,3 +385,98 @@ def test_trimming_template_is_checked_on_every_record(smollm2_tokenizer):
     examples = renderer.encode(rendered)
     assert trained_runs(smollm2_tokenizer, examples[0]) == ["Plain." + END]
     assert trained_runs(smollm2_tokenizer, examples[1]) == ["Padded answer." + END]
+
+
+def test_chat_records_carry_top_level_images_and_drop_literal_placeholders(tmp_path):
+    (tmp_path / "img").mkdir()
+    for name in ("cat.png", "dog.png"):
+        (tmp_path / "img" / name).write_bytes(b"png")
+    cat, dog = str(tmp_path / "img" / "cat.png"), str(tmp_path / "img" / "dog.png")
+    rows = [  # LLaMA-Factory openai / sharegpt layouts, LLaVA's single "image", no placeholder at all
+        {
+            "messages": [{"role": "user", "content": "<image>What is this?"}, a("A cat.")],
+            "images": ["img/cat.png"],
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "Compare <image> and\n<image>\nplease."},
+                {"from": "gpt", "value": "Both are pets."},
+            ],
+            "images": ["img/cat.png", "img/dog.png"],
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "<image>\nWho?"},
+                {"from": "gpt", "value": "A dog."},
+            ],
+            "image": "img/dog.png",
+        },
+        {"messages": [s("Sys"), u("Describe it."), a("A cat.")], "images": ["img/cat.png"]},
+        {
+            "messages": [u("Look."), a("Ok."), {"role": "user", "content": "<image>"}, a("A dog.")],
+            "images": ["img/dog.png"],
+        },
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    result = load_records(str(path))
+    assert result.rejects == []
+    recs = result.records
+    assert [r.format for r in recs] == ["openai", "sharegpt", "sharegpt", "openai", "openai"]
+    assert [r.images for r in recs] == [[cat], [cat, dog], [dog], [cat], [dog]]
+    assert recs[0].messages == [u("What is this?"), a("A cat.")]
+    assert recs[1].messages == [u("Compare and\nplease."), a("Both are pets.")]
+    assert recs[2].messages == [u("Who?"), a("A dog.")]
+    assert recs[3].messages == [s("Sys"), u("Describe it."), a("A cat.")]
+    assert recs[4].messages == [u("Look."), a("Ok."), u(""), a("A dog.")]
+
+
+@pytest.mark.parametrize("image_token", ["<image>", "<start_of_image>"])
+def test_image_placeholder_is_the_models_own_and_appears_once_per_image(
+    smollm2_tokenizer, tmp_path, image_token
+):
+    (tmp_path / "cat.png").write_bytes(b"png")
+    raw = {
+        "messages": [{"role": "user", "content": "<image>What is this?"}, a("A cat.")],
+        "images": ["cat.png"],
+    }
+    record = FORMATS["openai"].convert(raw, ConvertContext(base_dir=tmp_path))
+    rendered, example = encode_one(smollm2_tokenizer, record, image_token=image_token)
+    assert rendered.text.count(image_token) == 1
+    assert f"user\n{image_token}\nWhat is this?{END}" in rendered.text
+    if image_token != "<image>":
+        assert "<image>" not in rendered.text
+    assert trained_runs(smollm2_tokenizer, example) == ["A cat." + END]
+
+
+def test_image_placeholder_count_mismatch_is_a_reject(tmp_path):
+    (tmp_path / "cat.png").write_bytes(b"png")
+    rows = [
+        {"messages": [u("<image> and <image>?"), a("One.")], "images": ["cat.png"]},
+        {
+            "conversations": [{"from": "human", "value": "<image>Hi"}, {"from": "gpt", "value": "Yo"}],
+            "images": [],
+        },
+        {"messages": [u("<image>Hi"), a("<image>")], "images": ["cat.png", "cat.png"]},
+        {"messages": [u("Hi"), a("Yo")], "images": ["missing.png"]},
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    result = load_records(str(path))
+    assert result.records == []
+    assert [(r.origin, r.reason) for r in result.rejects] == [
+        (f"{path}:1", "openai: 2 <image> placeholder(s) in the text but 1 image(s) given"),
+        (f"{path}:2", "sharegpt: 1 <image> placeholder(s) in the text but 0 image(s) given"),
+        (f"{path}:3", "openai: turn 1 (assistant): <image> placeholder outside a user turn"),
+        (f"{path}:4", "openai: images not found: missing.png"),
+    ]
+
+
+def test_text_only_chat_records_are_unchanged():
+    for raw in (
+        {"messages": [u("What does <image> mean in HTML?"), a("Nothing.")]},
+        {"messages": [u("What does <image> mean in HTML?"), a("Nothing.")], "images": None},
+        {"messages": [u("Hi"), a("Yo")], "images": []},
+    ):
+        record = FORMATS["openai"].convert(raw, ConvertContext())
+        assert record.messages == raw["messages"] and record.images == []

@@ -32,6 +32,7 @@ CHAT_LIST_KEYS = ("conversation", "dialog", "dialogue", "turns", "chat")
 IMAGE_KEYS = ("image", "images", "image_path", "image_file")
 VIDEO_KEYS = ("video", "frames", "video_frames", "videos")
 DEFAULT_CAPTION_PROMPT = "Describe this image."
+IMAGE_PLACEHOLDER = "<image>"  # the literal image placeholder of LLaVA / LLaMA-Factory conversation data
 
 
 @dataclass
@@ -251,6 +252,41 @@ def frames_of(raw: dict, ctx: ConvertContext) -> list[list[str]]:
     return [[_resolve_media(f, key, ctx) for f in value]]
 
 
+def _strip_image_placeholders(text: str) -> str:
+    """The text without its literal `<image>` placeholders (and the spaces/newline that set them off)."""
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    out = pieces[0]
+    for piece in pieces[1:]:
+        left, right = out.rstrip(" \t"), piece.lstrip(" \t")
+        if left.endswith("\n") and right.startswith("\n"):  # a placeholder on a line of its own
+            right = right[1:]
+        glue = " " if left and right and not left.endswith("\n") and not right.startswith("\n") else ""
+        out = left + glue + right
+    return out.strip()
+
+
+def _take_image_placeholders(messages: list[dict[str, str]], n_images: int, offset: int) -> None:
+    """A record with images: its literal `<image>` placeholders (LLaVA/LLaMA-Factory style) must match the
+    images in number, and are taken out of the text; the renderer puts the model's own placeholder for
+    every image at the start of the first user turn (as for image content parts). `offset` = messages
+    added before the record's own turns (a top-level system), so reasons name the record's turn index."""
+    count = 0
+    for i, message in enumerate(messages):
+        n = message["content"].count(IMAGE_PLACEHOLDER)
+        if n and message["role"] != "user":
+            where = f"turn {i - offset} ({message['role']})" if i >= offset else "field 'system'"
+            raise RecordError(f"{where}: {IMAGE_PLACEHOLDER} placeholder outside a user turn")
+        count += n
+    if count and count != n_images:
+        raise RecordError(
+            f"{count} {IMAGE_PLACEHOLDER} placeholder(s) in the text but {n_images} image(s) given"
+        )
+    if count:
+        for message in messages:
+            if IMAGE_PLACEHOLDER in message["content"]:
+                message["content"] = _strip_image_placeholders(message["content"])
+
+
 def _system(raw: dict) -> str | None:
     return get_text(raw, ("system", "system_prompt"), required=False)
 
@@ -276,24 +312,30 @@ def convert_alpaca(raw: Any, ctx: ConvertContext) -> Record:
     return Record(messages=_qa_messages(raw, prompt, output), text=None, format="alpaca")
 
 
+def _conversation(raw: dict, key: str, fmt: str, ctx: ConvertContext) -> Record:
+    """A conversation record: turns, images from content parts and from a top-level image key."""
+    messages, images = parse_turns(raw[key], key, _system(raw))
+    images = [_resolve_media(i, "image", ctx) for i in images]
+    has_key = any(raw.get(k) is not None for k in IMAGE_KEYS)
+    if has_key and _media_list(raw, IMAGE_KEYS)[1] != []:  # "images": [] is a text-only record
+        images += images_of(raw, ctx)
+    if images or has_key:
+        _take_image_placeholders(messages, len(images), len(messages) - len(raw[key]))
+    return Record(messages=messages, text=None, images=images, format=fmt)
+
+
 def convert_sharegpt(raw: Any, ctx: ConvertContext) -> Record:
     raw = _need_dict(raw)
     if "conversations" not in raw:
         raise RecordError("missing field 'conversations'")
-    messages, images = parse_turns(raw["conversations"], "conversations", _system(raw))
-    images = [_resolve_media(i, "image", ctx) for i in images]
-    if any(k in raw for k in IMAGE_KEYS):
-        images += images_of(raw, ctx)
-    return Record(messages=messages, text=None, images=images, format="sharegpt")
+    return _conversation(raw, "conversations", "sharegpt", ctx)
 
 
 def convert_openai(raw: Any, ctx: ConvertContext) -> Record:
     raw = _need_dict(raw)
     if "messages" not in raw:
         raise RecordError("missing field 'messages'")
-    messages, images = parse_turns(raw["messages"], "messages", _system(raw))
-    images = [_resolve_media(i, "image", ctx) for i in images]
-    return Record(messages=messages, text=None, images=images, format="openai")
+    return _conversation(raw, "messages", "openai", ctx)
 
 
 def convert_chat(raw: Any, ctx: ConvertContext) -> Record:
@@ -301,9 +343,7 @@ def convert_chat(raw: Any, ctx: ConvertContext) -> Record:
     key = next((k for k in CHAT_LIST_KEYS if k in raw), None)
     if key is None:
         raise RecordError(f"missing field '{CHAT_LIST_KEYS[0]}' (or {', '.join(CHAT_LIST_KEYS[1:])})")
-    messages, images = parse_turns(raw[key], key, _system(raw))
-    images = [_resolve_media(i, "image", ctx) for i in images]
-    return Record(messages=messages, text=None, images=images, format="chat")
+    return _conversation(raw, key, "chat", ctx)
 
 
 def convert_qa(raw: Any, ctx: ConvertContext) -> Record:

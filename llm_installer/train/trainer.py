@@ -707,37 +707,29 @@ def run_training(
         "versions": _versions(),
     }
     target = Path(plan.value("output")).expanduser() if plan.value("output") else folder.lora_dir
-    if not main:  # the main process writes the report, the plot and the adapter; wait until it has
-        distributed.barrier()
-        return TrainResult(
-            stop_reason=stats.stop_reason,
-            adapter_dir=target,
-            run_dir=run_dir,
-            metrics=metrics,
-            interrupted=interrupted,
-            resumed_from=resumed_from,
+    adapter_dir = target
+    if main:  # the main process writes the report, the plot and the adapter; the others wait until it has
+        plot = plot_losses(state.log_history, run_dir / "loss.png", f"{info.model_id} ({plan.value('mode')})")
+        report = write_report(
+            run_dir / "report.md",
+            info=adapter_info,
+            tokenizer=tokenizer,
+            prompts=prompts,
+            before=before,
+            after=after,
         )
-    plot = plot_losses(state.log_history, run_dir / "loss.png", f"{info.model_id} ({plan.value('mode')})")
-    report = write_report(
-        run_dir / "report.md",
-        info=adapter_info,
-        tokenizer=tokenizer,
-        prompts=prompts,
-        before=before,
-        after=after,
-    )
-    (run_dir / "metrics.json").write_text(
-        json.dumps({"metrics": metrics, "log_history": state.log_history}, indent=2, default=str),
-        encoding="utf-8",
-    )
-    adapter_dir = write_adapter_atomically(model, target, adapter_info, [plot, report])
-    run_info.update(
-        finished=_dt.datetime.now().isoformat(timespec="seconds"),
-        stop_reason=stats.stop_reason,
-        adapter_dir=str(adapter_dir),
-        metrics=metrics,
-    )
-    (run_dir / RUN_INFO).write_text(json.dumps(run_info, indent=2, default=str), encoding="utf-8")
+        (run_dir / "metrics.json").write_text(
+            json.dumps({"metrics": metrics, "log_history": state.log_history}, indent=2, default=str),
+            encoding="utf-8",
+        )
+        adapter_dir = write_adapter_atomically(model, target, adapter_info, [plot, report])
+        run_info.update(
+            finished=_dt.datetime.now().isoformat(timespec="seconds"),
+            stop_reason=stats.stop_reason,
+            adapter_dir=str(adapter_dir),
+            metrics=metrics,
+        )
+        (run_dir / RUN_INFO).write_text(json.dumps(run_info, indent=2, default=str), encoding="utf-8")
     distributed.barrier()
     return TrainResult(
         stop_reason=stats.stop_reason,

@@ -63,6 +63,10 @@ def test_two_process_run_writes_one_run_folder_and_one_adapter(tiny_installed):
     info = read_json(tiny_installed.lora_dir / "adapter_info.json")
     m = info["metrics"]
     assert m["processes"] == 2 and m["global_step"] == 4
+    # the two processes share the machine's cores instead of each taking all of them (oversubscribed
+    # OpenMP threads spin: a 2-process run on 2 cores was 8x slower before this)
+    cores = info["plan"]["settings"]["torch_threads"]["value"]
+    assert m["threads_per_process"] == max(1, cores // 2)
     # each step trained 2 examples on each process: the token count covers both processes' batches
     assert m["trained_tokens"] > 0 and m["tokens_per_second"] > 0
     weights = load_file(str(tiny_installed.lora_dir / "adapter_model.safetensors"))

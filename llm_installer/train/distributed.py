@@ -19,6 +19,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def local_world_size() -> int:
+    """Processes on this machine (torchrun sets LOCAL_WORLD_SIZE): they share its cores."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or world_size()
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
@@ -84,4 +89,14 @@ def main_first() -> Iterator[None]:
             barrier()
 
 
-__all__ = ["world_size", "rank", "is_main", "init", "barrier", "broadcast", "total", "main_first"]
+__all__ = [
+    "world_size",
+    "local_world_size",
+    "rank",
+    "is_main",
+    "init",
+    "barrier",
+    "broadcast",
+    "total",
+    "main_first",
+]

@@ -251,7 +251,11 @@ class ProgressCallback(TrainerCallback):
             parts.append(f"loss {s.last_train_loss:.4f}")
         if s.last_eval_loss is not None:
             parts.append(f"val {s.last_eval_loss:.4f}")
-        parts.append(f"{s.tokens_per_second:.0f} tok/s")
+        from llm_installer.train.distributed import world_size
+
+        # the bar is the main process's; the others train alike batches at the same pace, so the whole
+        # run's rate is this process's times the number of processes (the end-of-run figure is summed)
+        parts.append(f"{s.tokens_per_second * world_size():.0f} tok/s")
         return "  ".join(parts)
 
     def on_step_end(self, args, state, control, **kwargs):

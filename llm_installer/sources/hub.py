@@ -148,17 +148,6 @@ def download(
     in-flight downloads to finish first. Files already complete in `dest` (a resumed install) are
     skipped by huggingface_hub's local_dir metadata.
     """
-    from huggingface_hub import hf_hub_download
-
-    order = sorted(files, key=lambda f: ((sizes or {}).get(f, 0), f))
-    with hub_errors(repo_id, revision):
-        for filename in order:
-            hf_hub_download(
-                repo_id,
-                filename,
-                revision=revision,
-                local_dir=str(dest),
-                token=_token(),
-                endpoint=endpoint(),
-            )
+    for filename in sorted(files, key=lambda f: ((sizes or {}).get(f, 0), f)):
+        download_file(repo_id, filename, revision, dest)
     return dest

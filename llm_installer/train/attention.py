@@ -20,21 +20,16 @@ _registered = False
 
 
 def _sdpa_has_gqa() -> bool:
-    import inspect
-
+    """Whether this torch's SDPA takes `enable_gqa` (2.5+); it is a builtin without a signature, so ask it."""
+    import torch
     import torch.nn.functional as F
 
+    q = torch.zeros(1, 2, 1, 1)
     try:
-        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
-    except (TypeError, ValueError):  # a builtin without a signature: try a tiny call
-        import torch
-
-        try:
-            q = torch.zeros(1, 2, 1, 1)
-            F.scaled_dot_product_attention(q, q[:, :1], q[:, :1], enable_gqa=True)
-            return True
-        except TypeError:
-            return False
+        F.scaled_dot_product_attention(q, q[:, :1], q[:, :1], enable_gqa=True)
+    except TypeError:
+        return False
+    return True
 
 
 _SDPA_GQA: bool = False
@@ -98,11 +93,10 @@ def packed_sdpa_attention(
 
 def register() -> str:
     """Register `packed_sdpa` with transformers (idempotent) and return its name."""
-    global _registered
+    global _registered, _SDPA_GQA
     if not _registered:
         from transformers import AttentionInterface
 
-        global _SDPA_GQA
         _SDPA_GQA = _sdpa_has_gqa()
         AttentionInterface.register(NAME, packed_sdpa_attention)
         _registered = True

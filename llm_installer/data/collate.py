@@ -11,9 +11,38 @@ from typing import Any
 
 from llm_installer.data.render import IGNORE_INDEX
 
+# Per-example tensors a vision-language processor adds beside input_ids; batched by concatenation.
+MEDIA_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+# Per-token lists beside input_ids that some processors return (Gemma 3: 1 marks an image token); padded
+# with 0 like the ids, and passed to the model's forward with the media.
+TOKEN_KEYS = ("token_type_ids",)
+
+
+def _media_tensor(key: str, values: list[Any]) -> Any:
+    """One batch tensor from the examples' `key` tensors (concatenated along dim 0).
+
+    LLaVA-NeXT style `pixel_values` (images x patches x C x H x W) differ in their patch count from image to
+    image; they are zero-padded to the largest, which is what the processor itself does inside a batch (the
+    model drops the padding patches using `image_sizes`).
+    """
+    import torch
+
+    tensors = [torch.as_tensor(v) for v in values]
+    if (
+        key == "pixel_values"
+        and len({t.shape[1:] for t in tensors}) > 1
+        and all(t.dim() == 5 for t in tensors)
+    ):
+        most = max(t.shape[1] for t in tensors)
+        tensors = [
+            torch.cat([t, t.new_zeros((t.shape[0], most - t.shape[1], *t.shape[2:]))], dim=1) for t in tensors
+        ]
+    return torch.cat(tensors)
+
 
 def collate(features: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """Right-pad input_ids (pad id), attention_mask (0) and labels (-100) to the longest example."""
+    """Right-pad input_ids (pad id), attention_mask (0), labels (-100) and per-token lists (0) to the longest
+    example; concatenate the media tensors of the examples that have them."""
     import torch
 
     longest = max(len(f["input_ids"]) for f in features)
@@ -28,13 +57,15 @@ def collate(features: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_o
         labels[row, :n] = torch.as_tensor(f["labels"])
         mask[row, :n] = 1
     batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if any(f.get("token_type_ids") is not None for f in features):  # Gemma 3: 1 marks an image token
-        types = torch.zeros((len(features), longest), dtype=torch.long)
-        for row, f in enumerate(features):
-            if f.get("token_type_ids") is not None:
-                types[row, : len(f["token_type_ids"])] = torch.as_tensor(f["token_type_ids"])
-        batch["token_type_ids"] = types
-    for key in ("pixel_values", "image_sizes", "pixel_values_videos", "image_grid_thw", "video_grid_thw"):
-        if key in features[0]:
-            batch[key] = torch.cat([torch.as_tensor(f[key]) for f in features if key in f])
+    for key in TOKEN_KEYS:
+        if any(f.get(key) is not None for f in features):
+            values = torch.zeros((len(features), longest), dtype=torch.long)
+            for row, f in enumerate(features):
+                if f.get(key) is not None:
+                    values[row, : len(f[key])] = torch.as_tensor(f[key])
+            batch[key] = values
+    for key in MEDIA_KEYS:  # of the examples that have them: a batch may mix text and image examples
+        media = [f[key] for f in features if f.get(key) is not None]
+        if media:
+            batch[key] = _media_tensor(key, media)
     return batch

@@ -23,11 +23,6 @@ from collections.abc import Sequence
 from typing import Any
 
 IGNORE = -100
-# Per-example tensors a vision-language processor adds beside input_ids; batched by concatenation.
-MEDIA_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-# Per-token lists beside input_ids that some processors return (Gemma 3: 1 marks an image token); padded
-# with 0 like the ids, and passed to the model's forward with the media.
-TOKEN_KEYS = ("token_type_ids",)
 
 
 def _example(ex: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -102,28 +97,6 @@ class PaddingFreeCollator:
         }
 
 
-def _media_tensor(key: str, values: list[Any]) -> Any:
-    """One batch tensor from the examples' `key` tensors (concatenated along dim 0).
-
-    LLaVA-NeXT style `pixel_values` (images x patches x C x H x W) differ in their patch count from image to
-    image; they are zero-padded to the largest, which is what the processor itself does inside a batch (the
-    model drops the padding patches using `image_sizes`).
-    """
-    import torch
-
-    tensors = [torch.as_tensor(v) for v in values]
-    if (
-        key == "pixel_values"
-        and len({t.shape[1:] for t in tensors}) > 1
-        and all(t.dim() == 5 for t in tensors)
-    ):
-        most = max(t.shape[1] for t in tensors)
-        tensors = [
-            torch.cat([t, t.new_zeros((t.shape[0], most - t.shape[1], *t.shape[2:]))], dim=1) for t in tensors
-        ]
-    return torch.cat(tensors)
-
-
 class PaddedCollator:
     """Classic right-padded batch with an attention mask (`--no-packing`, image/video data, and models that
     need a mask); media tensors (MEDIA_KEYS) of the examples that have them are concatenated."""
@@ -134,33 +107,11 @@ class PaddedCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
+        from llm_installer.data.collate import collate
+
         examples = [_example(f) for f in features]
-        width = max(len(ids) for ids, _ in examples)
-        input_ids, labels, mask = [], [], []
-        real = 0
-        for ids, lab in examples:
-            pad = width - len(ids)
-            real += len(ids)
-            input_ids.append(ids + [self.pad_token_id] * pad)
-            labels.append(lab + [IGNORE] * pad)
-            mask.append([1] * len(ids) + [0] * pad)
-        batch = {
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "attention_mask": torch.tensor(mask, dtype=torch.long),
-            "num_real_tokens": torch.tensor(real, dtype=torch.long),
-        }
-        for key in TOKEN_KEYS:
-            if any(f.get(key) is not None for f in features):
-                batch[key] = torch.tensor(
-                    [
-                        list(f.get(key) or [0] * len(f["input_ids"])) + [0] * (width - len(f["input_ids"]))
-                        for f in features
-                    ],
-                    dtype=torch.long,
-                )
-        for key in MEDIA_KEYS:
-            values = [f[key] for f in features if f.get(key) is not None]
-            if values:
-                batch[key] = _media_tensor(key, values)
+        batch = collate(
+            [dict(f, labels=lab) for f, (_, lab) in zip(features, examples, strict=True)], self.pad_token_id
+        )
+        batch["num_real_tokens"] = torch.tensor(sum(len(ids) for ids, _ in examples), dtype=torch.long)
         return batch

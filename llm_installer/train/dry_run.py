@@ -50,11 +50,10 @@ def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
     from llm_installer import hardware
     from llm_installer.console import console as default_console
     from llm_installer.train.trainer import (
+        apply_media_settings,
         load_components,
         load_tokenizer_for,
-        media_keys,
         prepare_run_data,
-        settings_for_media,
     )
 
     console = console or default_console
@@ -91,13 +90,7 @@ def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
     if plan.value("data"):
         tokenizer = load_tokenizer_for(folder, handler, info)
         data = prepare_run_data(plan, folder, info, tokenizer, handler)
-        media = media_keys([*data.train, *data.validation])
-        if settings_for_media(plan, media):
-            console.print(
-                "packing is off for image data: padded batches (packed rows cannot carry per-example "
-                f"pixel tensors); attention {plan.value('attn_implementation')}",
-                soft_wrap=True,
-            )
+        media = apply_media_settings(plan, data, console)
         lengths = [len(e["input_ids"]) for e in data.train]
         labelled = sum(sum(1 for t in e["labels"] if t != -100) for e in data.train)
         data_summary = {

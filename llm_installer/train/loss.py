@@ -48,7 +48,7 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any], *, head_on_labels: bool =
     keep = targets != IGNORE
     parts = split_head(model) if head_on_labels else None
     if parts is None:
-        from llm_installer.train.collate import MEDIA_KEYS, TOKEN_KEYS
+        from llm_installer.data.collate import MEDIA_KEYS, TOKEN_KEYS
 
         # vision-language batches: the images/videos go to the model's own forward with the text
         media = {k: inputs[k] for k in (*MEDIA_KEYS, *TOKEN_KEYS) if inputs.get(k) is not None}

@@ -16,7 +16,7 @@ def held_out_prompts(examples: list[dict[str, Any]], n: int) -> list[dict[str, A
     example's prompt also keeps its media tensors (`media`: pixel_values etc.), so a vision-language model
     answers about the picture it was trained on.
     """
-    from llm_installer.train.collate import MEDIA_KEYS
+    from llm_installer.data.collate import MEDIA_KEYS
 
     out = []
     for ex in examples:

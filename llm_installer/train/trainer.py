@@ -280,7 +280,7 @@ def settings_for_media(plan: TrainingPlan, keys: list[str]) -> bool:
     rows (and plain sdpa, since packed_sdpa was chosen for packed rows); the plan records why, with source
     `data`. Returns True when the plan changed.
     """
-    from llm_installer.train.collate import MEDIA_KEYS, TOKEN_KEYS
+    from llm_installer.data.collate import MEDIA_KEYS, TOKEN_KEYS
 
     unknown = [k for k in keys if k not in (*MEDIA_KEYS, *TOKEN_KEYS)]
     if unknown:
@@ -301,6 +301,20 @@ def settings_for_media(plan: TrainingPlan, keys: list[str]) -> bool:
         plan["settings"]["attn_implementation"] = {"value": "sdpa", "source": "data", "why": why}
         changed = True
     return changed
+
+
+def apply_media_settings(plan: TrainingPlan, data: Any, console: Any) -> list[str]:
+    """settings_for_media for prepared `data`, saying so on `console` when packing goes off; the media keys.
+
+    The training run and `--dry-run` both go through here, so they make (and print) the same choice."""
+    keys = media_keys([*data.train, *data.validation])
+    if settings_for_media(plan, keys):
+        console.print(
+            "packing is off for image data: padded batches (packed rows cannot carry per-example pixel "
+            f"tensors); attention {plan.value('attn_implementation')}",
+            soft_wrap=True,
+        )
+    return keys
 
 
 def load_training_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any) -> Any:
@@ -398,7 +412,7 @@ class _LossTrainer:
         import torch
         from transformers import Trainer
 
-        from llm_installer.train.collate import MEDIA_KEYS
+        from llm_installer.data.collate import MEDIA_KEYS
         from llm_installer.train.loss import causal_lm_loss
 
         head_on_labels = bool(plan.value("head_on_labels"))
@@ -542,7 +556,7 @@ def run_training(
             )
         # image/video examples (pixel_values etc.) train in padded batches: recorded in the plan before it
         # is fingerprinted, so a resumed run makes the same choice
-        packing_off = settings_for_media(plan, media_keys([*data.train, *data.validation]))
+        apply_media_settings(plan, data, console)
     except BaseException:
         if resumed_from is None and main:  # leave no empty run folder behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -551,11 +565,6 @@ def run_training(
     val_set = list(data.validation)
     if not train_set:
         raise UserError(f"--data {plan.value('data')}: no usable training example after preparation")
-    if packing_off:
-        console.print(
-            "packing is off for image data: padded batches (packed rows cannot carry per-example pixel tensors)",
-            soft_wrap=True,
-        )
     data_fp = str(getattr(data, "fingerprint", ""))
     fingerprint = plan.fingerprint(data_fp)
 

@@ -208,23 +208,39 @@ def test_train_sh_in_the_model_folder_has_the_same_flags(tiny_installed):
         assert flag in proc.stdout
 
 
+def _fake_checkpoint(path: Path, complete: bool = True) -> None:
+    """The files a resume reads; the completion marker only when `complete` (a save that finished)."""
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text("{}")
+    (path / "adapter_model.safetensors").write_bytes(b"x")
+    (path / "optimizer.pt").write_bytes(b"x")
+    if complete:
+        (path / ".complete").write_text("complete\n")
+
+
 def test_resume_picks_the_newest_run_and_its_highest_checkpoint_numerically(tmp_path):
     from llm_installer.train.trainer import checkpoints, find_resume_checkpoint
 
     runs = tmp_path / "runs"
     for run, steps in (("20260101-100000", [5]), ("20260102-090000", [9, 10, 2]), ("20260103-080000", [])):
         for s in steps:
-            (runs / run / f"checkpoint-{s}").mkdir(parents=True)
+            _fake_checkpoint(runs / run / f"checkpoint-{s}")
         (runs / run).mkdir(parents=True, exist_ok=True)
+    # a save cut short (no marker) in the newest run, and one whose rotation deleted its optimizer state
+    _fake_checkpoint(runs / "20260103-080000" / "checkpoint-3", complete=False)
+    _fake_checkpoint(runs / "20260102-090000" / "checkpoint-11")
+    (runs / "20260102-090000" / "checkpoint-11" / "optimizer.pt").unlink()
     assert [p.name for p in checkpoints(runs / "20260102-090000")] == [
         "checkpoint-2",
         "checkpoint-9",
         "checkpoint-10",
     ]
-    # the newest run has no checkpoint: the newest one that has
+    # the newest run has no complete checkpoint: the newest one that has
     assert find_resume_checkpoint(runs, "latest") == runs / "20260102-090000" / "checkpoint-10"
     assert find_resume_checkpoint(runs, "20260101-100000").name == "checkpoint-5"
     given = runs / "20260102-090000" / "checkpoint-9"
     assert find_resume_checkpoint(runs, str(given)) == given.resolve()
+    with pytest.raises(UserError, match="that checkpoint is incomplete"):
+        find_resume_checkpoint(runs, str(runs / "20260103-080000" / "checkpoint-3"))
     with pytest.raises(UserError, match="--resume-from nowhere: no such run"):
         find_resume_checkpoint(runs, "nowhere")

@@ -142,6 +142,9 @@ def train(
     if dry_run:
         args["_allow_no_data"] = True
     from llm_installer.train.plan import build_plan
+    from llm_installer.train.trainer import resume_args
+
+    args = resume_args(folder.runs_dir, args)
 
     plan = build_plan(folder, args)
     if dry_run:
@@ -173,8 +176,15 @@ def train(
         soft_wrap=True,
     )
     if result.interrupted:
+        if result.kept_previous is not None:
+            console.print(
+                f"the finished adapter in {result.kept_previous} stays active; this run's partly trained one "
+                f"is in {result.adapter_dir}",
+                soft_wrap=True,
+            )
         console.print(
-            f"interrupted: resume with `llm-installer train {name} --data {plan.value('data')} --resume`",
+            f"interrupted: resume with `llm-installer train {name} --resume` (it replaces the active "
+            "adapter when it finishes)",
             soft_wrap=True,
         )
         raise typer.Exit(130)

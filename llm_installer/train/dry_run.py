@@ -60,6 +60,14 @@ def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
     plan = TrainingPlan.from_dict(plan)  # image data changes packing below: not the caller's plan
     folder, info, handler = load_components(plan)
 
+    # the data first: image data turns packing off, and the plan table must show what the run will do
+    data = None
+    media: list[str] = []
+    if plan.value("data"):
+        tokenizer = load_tokenizer_for(folder, handler, info)
+        data = prepare_run_data(plan, folder, info, tokenizer, handler)
+        media = apply_media_settings(plan, data, console)
+
     t = Table(title=f"Training plan for {plan.model['model_id']} (handler {plan.model['handler']})")
     t.add_column("setting")
     t.add_column("value")
@@ -87,10 +95,7 @@ def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
     console.print(pt)
 
     data_summary: dict[str, Any] = {}
-    if plan.value("data"):
-        tokenizer = load_tokenizer_for(folder, handler, info)
-        data = prepare_run_data(plan, folder, info, tokenizer, handler)
-        media = apply_media_settings(plan, data, console)
+    if data is not None:
         lengths = [len(e["input_ids"]) for e in data.train]
         labelled = sum(sum(1 for t in e["labels"] if t != -100) for e in data.train)
         data_summary = {

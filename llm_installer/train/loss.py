@@ -38,9 +38,24 @@ def split_head(model: Any) -> tuple[Any, Any] | None:
     return backbone, head
 
 
-def causal_lm_loss(model: Any, inputs: dict[str, Any], *, head_on_labels: bool = True):
-    """Mean next-token cross-entropy over labelled positions of `inputs` (input_ids, labels, ...)."""
+def causal_lm_loss(
+    model: Any,
+    inputs: dict[str, Any],
+    *,
+    head_on_labels: bool = True,
+    num_items: Any = None,
+    aux_scale: float = 1.0,
+):
+    """Next-token cross-entropy over labelled positions of `inputs` (input_ids, labels, ...).
+
+    The mean over this batch's labelled tokens, or, with `num_items` (the labelled tokens of the whole
+    optimizer step, over every micro-batch and process), the sum divided by it: then gradient accumulation
+    and several processes weigh every token alike, exactly as one big batch would. An MoE router's
+    load-balancing loss is per micro-batch: `aux_scale` (1 / accumulation steps) makes it a mean too.
+    """
     import torch.nn.functional as F
+
+    reduction = "mean" if num_items is None else "sum"
 
     labels = inputs["labels"]
     fwd = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
@@ -56,11 +71,11 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any], *, head_on_labels: bool =
         logits = out.logits[:, :-1]
         if not bool(keep.any()):
             return logits.sum() * 0.0
-        loss = F.cross_entropy(logits[keep].float(), targets[keep])
+        loss = _scaled(F.cross_entropy(logits[keep].float(), targets[keep], reduction=reduction), num_items)
         aux = getattr(out, "aux_loss", None)
         if aux is not None:
             coef = getattr(getattr(model, "config", None), "router_aux_loss_coef", 0.0) or 0.0
-            loss = loss + coef * aux
+            loss = loss + coef * aux_scale * aux
         return loss
     backbone, head = parts
     hidden = backbone(**fwd, use_cache=False)[0]
@@ -68,7 +83,11 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any], *, head_on_labels: bool =
         return hidden.sum() * 0.0
     selected = hidden[:, :-1][keep]
     logits = head(selected).float()
-    return F.cross_entropy(logits, targets[keep])
+    return _scaled(F.cross_entropy(logits, targets[keep], reduction=reduction), num_items)
+
+
+def _scaled(loss: Any, num_items: Any) -> Any:
+    return loss if num_items is None else loss / num_items
 
 
 def count_label_tokens(inputs: dict[str, Any]) -> int:

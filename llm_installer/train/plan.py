@@ -301,6 +301,30 @@ def _bitsandbytes_available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
+def forces_4bit(hparams: Mapping[str, Any]) -> bool:
+    """The handler asks for 4-bit base weights (the seed's pattern 4 for models over 30B)."""
+    return bool(hparams.get("force_4bit")) or hparams.get("quantization") in ("4bit", "4-bit", "nf4")
+
+
+def check_method(method: str, source: str, hw: Any, info: Any) -> None:
+    """Refuse, with one line, a method this machine cannot run (the plan and `check` share this rule)."""
+    if method != "qlora":
+        return
+    size = f"{info.params_billions:.0f}B-parameter " if getattr(info, "params_billions", None) else ""
+    if not hw.cuda:
+        if source == "handler":
+            raise UserError(
+                f"{info.model_id} is a {size}model its handler trains 4-bit (QLoRA), which needs an NVIDIA GPU "
+                "with bitsandbytes; this machine has none: train it on a GPU machine, or pass --method lora "
+                "to train full-precision weights on the CPU (very slow, needs the memory `check` shows)"
+            )
+        raise UserError(
+            "--method qlora needs an NVIDIA GPU (bitsandbytes 4-bit); this machine has none: use --method lora"
+        )
+    if not _bitsandbytes_available():
+        raise UserError("--method qlora needs bitsandbytes: pip install bitsandbytes (or use --method lora)")
+
+
 def build_plan(
     model_folder: Any,
     args: Any = None,
@@ -364,6 +388,8 @@ def build_plan(
         r.set(pkey, value, "handler", f"{handler_name}: {hkey}")
     if info.context_length and r.get("max_seq_length") > info.context_length:
         r.set("max_seq_length", info.context_length, "handler", f"model context length {info.context_length}")
+    if forces_4bit(hparams):
+        r.set("method", "qlora", "handler", f"{handler_name}: force_4bit (the seed's pattern 4: >30B models train 4-bit)")
 
     # auto rank by size sits at the handler layer: the handler may state its own rank
     if r.settings["lora_r"]["source"] == "default":
@@ -472,16 +498,7 @@ def build_plan(
         raise UserError(
             f"--optimizer {r.get('optimizer')} needs bitsandbytes on an NVIDIA GPU; use --optimizer adamw"
         )
-    method = r.get("method")
-    if method == "qlora":
-        if not hw.cuda:
-            raise UserError(
-                "--method qlora needs an NVIDIA GPU (bitsandbytes 4-bit); this machine has none: use --method lora"
-            )
-        if not _bitsandbytes_available():
-            raise UserError(
-                "--method qlora needs bitsandbytes: pip install bitsandbytes (or use --method lora)"
-            )
+    check_method(r.get("method"), r.settings["method"]["source"], hw, info)
     if r.get("data") is None and not user.get("_allow_no_data"):
         raise UserError("--data is required: a dataset file, folder, glob or bundled example name")
 

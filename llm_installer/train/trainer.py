@@ -39,6 +39,8 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
     resumed_from: Path | None = None
+    # set when an interrupted run left the finished adapter here in place (its own is in adapter_dir)
+    kept_previous: Path | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,12 +66,44 @@ def new_run_dir(runs_dir: Path) -> Path:
     raise UserError(f"cannot create a run folder in {runs_dir}: too many runs this second")
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    """checkpoint-N folders of a run in numeric order (checkpoint-10 after checkpoint-9)."""
+COMPLETE_MARKER = ".complete"
+
+
+def mark_checkpoint_complete(ckpt: Path) -> None:
+    """Flush a just-saved checkpoint's files to disk, then write its marker: only then may --resume use it.
+
+    A kill or a full disk during the save leaves a folder without the marker, which resume skips."""
+    if not ckpt.is_dir():
+        return
+    for f in ckpt.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    marker = ckpt / COMPLETE_MARKER
+    with open(marker, "w", encoding="utf-8") as fh:
+        fh.write("complete\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def checkpoint_is_complete(ckpt: Path) -> bool:
+    """The marker is there and the files a resume reads are still whole (a rotation may have been cut)."""
+    if not (ckpt / COMPLETE_MARKER).is_file():
+        return False
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return any(ckpt.glob("*.safetensors")) and (ckpt / "optimizer.pt").is_file()
+
+
+def checkpoints(run_dir: Path, *, complete_only: bool = True) -> list[Path]:
+    """checkpoint-N folders of a run in numeric order (checkpoint-10 after checkpoint-9); by default only
+    the complete ones (see `mark_checkpoint_complete`)."""
     if not run_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _CKPT.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in sorted(found) if not complete_only or checkpoint_is_complete(p)]
 
 
 def find_resume_checkpoint(runs_dir: Path, resume: str) -> Path:
@@ -91,11 +125,46 @@ def find_resume_checkpoint(runs_dir: Path, resume: str) -> Path:
     if not path.exists():
         raise UserError(f"--resume-from {resume}: no such run or checkpoint folder")
     if _CKPT.match(path.name) and path.is_dir():
+        if not checkpoint_is_complete(path):
+            raise UserError(
+                f"--resume-from {resume}: that checkpoint is incomplete (its save was cut short); resume from "
+                f"its run folder {path.parent} to take the newest complete checkpoint"
+            )
         return path.resolve()
     cks = checkpoints(path)
     if not cks:
-        raise UserError(f"--resume-from {resume}: no checkpoint-N folder inside; pick a run under {runs_dir}")
+        raise UserError(
+            f"--resume-from {resume}: no complete checkpoint-N folder inside; pick a run under {runs_dir}"
+        )
     return cks[-1].resolve()
+
+
+def resume_args(runs_dir: Path, args: dict[str, Any]) -> dict[str, Any]:
+    """The flags of the run being resumed, overlaid with the ones given now.
+
+    `train NAME --resume` must continue the run as it was started (its mode, data, rank...), so the
+    printed resume command needs no flag repeated; a flag given now still wins and is then checked by the
+    fingerprint like any other change."""
+    from llm_installer.train.plan import USER_KEYS
+
+    resume = args.get("resume_from") or ("latest" if args.get("resume") else None)
+    if not resume:
+        return args
+    ckpt = find_resume_checkpoint(runs_dir, str(resume))
+    try:
+        old = json.loads((ckpt.parent / RUN_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return args  # check_resume_compatible names the missing file
+    settings = old.get("plan", {}).get("settings", {})
+    given = {
+        key: entry["value"]
+        for key, entry in settings.items()
+        if key in USER_KEYS
+        and key != "resume"
+        and entry.get("source") == "user"
+        and str(entry.get("why", "")).startswith("--")
+    }
+    return {**given, **args}
 
 
 def check_resume_compatible(run_dir: Path, fingerprint: str, plan: TrainingPlan) -> None:
@@ -133,6 +202,56 @@ def check_resume_compatible(run_dir: Path, fingerprint: str, plan: TrainingPlan)
 # Writing the adapter atomically
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_adapter_leftovers(target: Path) -> None:
+    """Undo what a killed adapter write left beside `target`: a half-written `.NAME.tmp-PID` is removed; a
+    `.NAME.old-PID` (the previous adapter, moved aside just before the swap) goes back when `target` is
+    missing, else it is removed. Only leftovers of processes that are gone are touched."""
+    target = Path(target)
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        for path in parent.glob(f".{target.name}.{kind}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            if kind == "old" and not target.exists():
+                os.replace(path, target)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def check_adapter_target(target: Path, model_root: Path) -> None:
+    """Refuse an adapter destination whose contents a write would destroy.
+
+    Writing an adapter replaces its folder whole, so the target must be new, empty, or an adapter folder
+    already (it has adapter_config.json); never the model folder, its weights, or a folder holding them."""
+    target = Path(target).expanduser().resolve()
+    root = Path(model_root).resolve()
+    if target == root or root.is_relative_to(target) or target.is_relative_to(root / "model"):
+        raise UserError(
+            f"--output {target}: that is the model's own folder (or holds it); writing the adapter there would "
+            "replace it: give a new or empty folder"
+        )
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--output {target}: it is a file; give a new or empty folder")
+    if target.is_dir() and any(target.iterdir()) and not (target / "adapter_config.json").is_file():
+        raise UserError(
+            f"--output {target}: the folder holds other files and an adapter write would replace them all: "
+            "give a new or empty folder, or an adapter folder to overwrite"
+        )
+
+
 def write_adapter_atomically(
     model: Any,
     target: Path,
@@ -143,6 +262,7 @@ def write_adapter_atomically(
     """Save the adapter into a temp folder beside `target`, then swap it in: never a half-written lora/."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_adapter_leftovers(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -421,7 +541,15 @@ class _LossTrainer:
             return head_on_labels and not any(k in inputs for k in MEDIA_KEYS)
 
         class LLMTrainer(Trainer):
-            loss_is_scaled_for_ga = False
+            # Our loss is divided by the labelled tokens of the whole optimizer step (every micro-batch and
+            # process): the Trainer then counts them (`num_items_in_batch`, gathered across processes) and
+            # must not divide by the accumulation steps again.
+            loss_is_scaled_for_ga = True
+
+            def __init__(self, *a: Any, **kw: Any) -> None:
+                super().__init__(*a, **kw)
+                self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch
+                self._loss_shifts_labels = True  # our loss predicts labels[:, 1:]
 
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
                 real = inputs.pop("num_real_tokens", None)
@@ -429,15 +557,35 @@ class _LossTrainer:
                     if real is not None:
                         stats.real_tokens += int(real)
                     stats.computed_tokens += int(inputs["input_ids"].numel())
-                loss = causal_lm_loss(model, inputs, head_on_labels=head_only(inputs))
+                num_items = None
+                if num_items_in_batch is not None and model.training:
+                    # DDP averages gradients over processes: each one's sum / (global count / processes)
+                    # adds up to the global mean
+                    num_items = num_items_in_batch / self.accelerator.num_processes
+                # the head-only path calls the backbone and the head directly, around the model's forward
+                # that accelerate wrapped in autocast: the plan's precision must hold here too
+                with self.accelerator.autocast():
+                    loss = causal_lm_loss(
+                        model,
+                        inputs,
+                        head_on_labels=head_only(inputs),
+                        num_items=num_items,
+                        aux_scale=1.0 / self.current_gradient_accumulation_steps if num_items is not None else 1.0,
+                    )
                 return (loss, None) if return_outputs else loss
 
             def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
                 inputs = self._prepare_inputs(inputs)
                 inputs.pop("num_real_tokens", None)
-                with torch.no_grad(), self.compute_loss_context_manager():
+                with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
                     loss = causal_lm_loss(model, inputs, head_on_labels=head_only(inputs))
                 return loss.detach(), None, None
+
+            def _save_checkpoint(self, model, trial):
+                super()._save_checkpoint(model, trial)
+                # a checkpoint counts for --resume only once it is whole: the marker is written last
+                if self.args.should_save:
+                    mark_checkpoint_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
 
         return LLMTrainer(**kwargs)
 
@@ -536,6 +684,8 @@ def run_training(
         console, show_progress = Console(quiet=True), False
 
     folder, info, handler = load_components(plan)
+    target = Path(plan.value("output")).expanduser() if plan.value("output") else folder.lora_dir
+    check_adapter_target(target, folder.root)
     tokenizer = load_tokenizer_for(folder, handler, info)
     # the run folder first (rejects.jsonl goes into it): a new one, or the one being resumed
     resumed_from = None
@@ -718,8 +868,9 @@ def run_training(
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "versions": _versions(),
     }
-    target = Path(plan.value("output")).expanduser() if plan.value("output") else folder.lora_dir
-    adapter_dir = target
+    # an interrupted run never replaces a finished adapter: it goes into the run folder instead
+    kept_previous = interrupted and (target / "adapter_config.json").is_file()
+    adapter_dir = run_dir / "adapter" if kept_previous else target
     if main:  # the main process writes the report, the plot and the adapter; the others wait until it has
         plot = plot_losses(state.log_history, run_dir / "loss.png", f"{info.model_id} ({plan.value('mode')})")
         report = write_report(
@@ -734,7 +885,7 @@ def run_training(
             json.dumps({"metrics": metrics, "log_history": state.log_history}, indent=2, default=str),
             encoding="utf-8",
         )
-        adapter_dir = write_adapter_atomically(model, target, adapter_info, [plot, report])
+        adapter_dir = write_adapter_atomically(model, adapter_dir, adapter_info, [plot, report])
         run_info.update(
             finished=_dt.datetime.now().isoformat(timespec="seconds"),
             stop_reason=stats.stop_reason,
@@ -750,6 +901,7 @@ def run_training(
         metrics=metrics,
         interrupted=interrupted,
         resumed_from=resumed_from,
+        kept_previous=target if kept_previous else None,
     )
 
 

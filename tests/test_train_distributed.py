@@ -73,3 +73,58 @@ def test_two_process_run_writes_one_run_folder_and_one_adapter(tiny_installed):
     lora_b = [t for k, t in weights.items() if "lora_B" in k]
     assert lora_b and any(float(t.abs().max()) > 0 for t in lora_b)  # B starts at zero: it trained
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def _run(argv: list[str], env: dict[str, str]) -> str:
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=420)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def test_two_processes_train_the_same_adapter_as_one_at_the_same_global_batch(tiny_installed, tmp_path):
+    """Gradients are synchronised, and every token weighs the same: 2 processes x 2 examples per step give
+    the adapter that 1 process x 4 examples gives (each step sees all 4 examples, of different lengths, so
+    a per-process mean loss would weigh them differently and move the weights elsewhere)."""
+    import json
+
+    rows = [
+        ("Say hi.", "Hi."),
+        ("Name a colour.", "Blue is a colour that many people like a great deal."),
+        ("What is two plus two?", "Two plus two is four."),
+        ("Tell me a fact.", "The Pacific is the largest and deepest of the oceans on the planet Earth."),
+    ]
+    data = tmp_path / "four.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            + "\n"
+            for q, a in rows
+        )
+    )
+    env = dict(
+        os.environ,
+        LLM_INSTALLER_MODELS_DIR=str(tiny_installed.root.parent),
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+    )
+    common = ["train", "test/tiny", "--data", str(data), "--mode", "fast", "--precision", "fp32",
+              "--epochs", "2", "--validation-split", "0", "--optimizer", "sgd", "--learning-rate", "0.5",
+              "--no-tensorboard",
+              "--force-epochs", "--seed", "5"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "-m", "llm_installer", *common, "--batch-size", "4", "--output", str(one)], env)
+    _run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "llm_installer", *common, "--batch-size", "2", "--output", str(two)],
+        env,
+    )  # fmt: skip
+    assert read_json(one / "adapter_info.json")["metrics"]["global_step"] == 2
+    assert read_json(two / "adapter_info.json")["metrics"]["global_step"] == 2
+    a = load_file(str(one / "adapter_model.safetensors"))
+    b = load_file(str(two / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    moved = max(float(t.abs().max()) for k, t in a.items() if "lora_B" in k)
+    assert moved > 1e-3  # training moved the weights: the comparison below means something
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff < 1e-5 * max(1.0, moved) + 2e-6, f"two-process adapter differs from one-process by {diff:.2e}"

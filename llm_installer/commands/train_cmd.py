@@ -112,6 +112,13 @@ def train(
             "Padding-free packed batches (default on); --no-packing pads instead.", "--packing/--no-packing"
         ),
     ] = None,
+    precision: Annotated[
+        str | None,
+        _opt(
+            "auto (default: measured on this machine) | fp32 | bf16 | fp16 (GPU only).",
+            "--precision",
+        ),
+    ] = None,
     output: Annotated[
         Path | None, _opt("Write the adapter here instead of the model folder's lora/.", "--output")
     ] = None,

@@ -51,18 +51,55 @@ class MoEHandler(TransformerHandler):
         params["expert_selection"] = f"top-{top_k}"
         params["load_balancing_loss_coef"] = float(cfg.get("router_aux_loss_coef") or 0.01)
         params["recommended_batch_size"] = 8  # the seed: larger batches spread tokens over experts
-        params["num_experts"] = (
-            cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
-            or self.model_info.num_experts
-        )  # fmt: skip
         return params
 
     def prepare_model_for_training(self, model: Any, training_config: dict[str, Any]) -> Any:
+        """Every MoE key acts: `moe_training` switches the router's balancing loss on with
+        `load_balancing_loss_coef`, and `expert_selection` ('top-k') sets how many experts each token
+        is routed to during training (the model's own top-k unless a handler asks otherwise)."""
         model = super().prepare_model_for_training(model, training_config)
         params = self.get_training_parameters()
-        coef = (training_config or {}).get("load_balancing_loss_coef", params["load_balancing_loss_coef"])
-        apply_router_aux_loss(model, float(coef))
+        cfg = training_config or {}
+        if params.get("moe_training", True):
+            coef = cfg.get("load_balancing_loss_coef", params["load_balancing_loss_coef"])
+            apply_router_aux_loss(model, float(coef))
+        top_k = parse_expert_selection(params.get("expert_selection"))
+        if top_k is not None:
+            apply_expert_top_k(model, top_k)
         return model
+
+
+def parse_expert_selection(value: Any) -> int | None:
+    """'top-2' -> 2; None or an unreadable value -> None (the model's own routing)."""
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if isinstance(value, str) and value.lower().startswith("top-") and value[4:].isdigit():
+        return int(value[4:]) or None
+    return None
+
+
+def apply_expert_top_k(model: Any, top_k: int) -> int:
+    """Route each token to `top_k` experts: the config's `num_experts_per_tok` and every router's `top_k`
+    (transformers copies it into the router modules at construction). Returns the routers changed."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    experts = None
+    for c in {id(config): config, id(text): text}.values():
+        if c is not None and hasattr(c, "num_experts_per_tok"):
+            c.num_experts_per_tok = top_k
+            experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None) or getattr(
+                c, "n_routed_experts", None
+            )
+    if experts is not None and top_k > int(experts):
+        from llm_installer.errors import UserError
+
+        raise UserError(f"expert_selection top-{top_k}: the model has only {experts} experts")
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "top_k") and isinstance(module.top_k, int) and not callable(module.top_k):
+            module.top_k = top_k
+            changed += 1
+    return changed
 
 
 def apply_router_aux_loss(model: Any, coef: float) -> bool:

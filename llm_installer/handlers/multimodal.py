@@ -69,10 +69,12 @@ class MultimodalHandler(TransformerHandler):
 
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-        # Freeze the vision encoder (the seed names vision_model / vision_tower; transformers also uses visual).
-        for _, tower in find_submodules(model, VISION_TOWER_NAMES):
-            for param in tower.parameters():
-                param.requires_grad = False
+        # Freeze the vision encoder (the seed names vision_model / vision_tower; transformers also uses visual)
+        # unless a handler sets freeze_vision_tower False; LoRA then wraps only what its targets name.
+        if self.get_training_parameters().get("freeze_vision_tower", True):
+            for _, tower in find_submodules(model, VISION_TOWER_NAMES):
+                for param in tower.parameters():
+                    param.requires_grad = False
         # Checkpointing for the language model only: the frozen vision tower needs no recomputation.
         if gc:
             language_model = getattr(model, "language_model", None)

@@ -125,6 +125,7 @@ USER_KEYS = (
     "seed",
     "train_on_inputs",
     "packing",
+    "precision",
     "output",
     "tensorboard",
     "strict",
@@ -168,6 +169,7 @@ OPTIMIZERS = {
 }
 BNB_OPTIMIZERS = {"adamw_bnb_8bit", "paged_adamw_8bit"}
 METHODS = ("lora", "qlora", "dora")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class TrainingPlan(dict):
@@ -289,6 +291,8 @@ def _check_user_values(user: dict[str, Any]) -> None:
         raise UserError(f"--mode {user['mode']!r} is unknown: use one of {', '.join(MODES)}")
     if user.get("method") is not None and user["method"] not in METHODS:
         raise UserError(f"--method {user['method']!r} is unknown: use one of {', '.join(METHODS)}")
+    if user.get("precision") is not None and user["precision"] not in PRECISIONS:
+        raise UserError(f"--precision {user['precision']!r} is unknown: use one of {', '.join(PRECISIONS)}")
     if user.get("optimizer") is not None and user["optimizer"] not in OPTIMIZERS:
         raise UserError(
             f"--optimizer {user['optimizer']!r} is unknown: use one of {', '.join(sorted(OPTIMIZERS))}"
@@ -355,6 +359,8 @@ def build_plan(
     if "target_modules" in user:
         user["target_modules"] = _parse_targets(user["target_modules"])
     _check_user_values(user)
+    if user.get("precision") == "auto":
+        user.pop("precision")  # the hardware layer decides, as without the flag
     if user.get("optimizer"):
         user["optimizer"] = OPTIMIZERS[user["optimizer"]]
 

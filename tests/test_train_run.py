@@ -166,6 +166,83 @@ def test_ctrl_c_saves_checkpoint_and_adapter_and_exits_cleanly(tiny_installed, t
     assert info["interrupted"] is True and info["stop_reason"].startswith("interrupted (SIGINT)")
     run = Path(info["run_dir"])
     assert list(run.glob("checkpoint-*/adapter_model.safetensors"))
+    assert all((c / ".complete").is_file() for c in run.glob("checkpoint-*"))
+
+    # the printed resume command works exactly as printed: it reads the run's own flags (non-stop mode,
+    # the data), so nothing has to be repeated; --max-steps bounds the otherwise endless mode
+    printed = out[out.index("resume with `") + len("resume with `") :].split("`")[0]
+    assert printed == "llm-installer train test/tiny --resume"
+    done = max(int(c.name.split("-")[1]) for c in run.glob("checkpoint-*"))
+    proc = subprocess.run(
+        [str(REPO / "llm-installer"), *printed.split()[1:], "--max-steps", str(done + 2)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    info = read_json(tiny_installed.lora_dir / "adapter_info.json")
+    assert info["resumed_from"] and Path(info["resumed_from"]).parent == run
+    assert info["plan"]["settings"]["mode"]["value"] == "non-stop" and not info["interrupted"]
+
+
+def test_output_that_is_not_an_adapter_folder_is_refused_before_training(tiny_installed, tmp_path):
+    """Writing an adapter replaces its folder whole: a folder holding anything else, or the model itself,
+    is refused before any training, and left exactly as it was."""
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "thesis.txt").write_text("years of work")
+    for target, message in (
+        (keep, "holds other files"),
+        (tiny_installed.root, "the model's own folder"),
+        (tiny_installed.model_dir, "the model's own folder"),
+        (tiny_installed.root.parent, "the model's own folder"),
+    ):
+        with pytest.raises(UserError, match=message):
+            run_training(
+                build_plan(tiny_installed, cli_args("--data", "test_data.json", "--output", str(target)))
+            )
+    assert (keep / "thesis.txt").read_text() == "years of work"
+    assert (tiny_installed.model_dir / "config.json").is_file()
+    assert not tiny_installed.runs_dir.exists() or not list(tiny_installed.runs_dir.iterdir())
+
+
+def test_interrupted_run_keeps_the_finished_adapter(tiny_installed, tmp_path):
+    argv = ["--data", "test_data.json", "--mode", "fast", "--batch-size", "2", "--validation-split", "0",
+            "--no-tensorboard", "--precision", "fp32"]  # fmt: skip
+    first = run_training(build_plan(tiny_installed, cli_args(*argv, "--max-steps", "2")), show_progress=False)
+    assert first.adapter_dir == tiny_installed.lora_dir and not first.interrupted
+    finished = (tiny_installed.lora_dir / "adapter_model.safetensors").read_bytes()
+    cut = run_training(
+        build_plan(tiny_installed, cli_args(*argv, "--learning-rate", "0.02")),
+        show_progress=False,
+        extra_callbacks=[_SigtermAt(1)],
+    )
+    assert cut.interrupted and cut.kept_previous == tiny_installed.lora_dir
+    assert cut.adapter_dir == cut.run_dir / "adapter"
+    assert (tiny_installed.lora_dir / "adapter_model.safetensors").read_bytes() == finished
+    assert read_json(cut.adapter_dir / "adapter_info.json")["interrupted"] is True
+    assert read_json(tiny_installed.lora_dir / "adapter_info.json")["interrupted"] is False
+
+
+def test_leftovers_of_a_killed_adapter_write_are_recovered(tmp_path):
+    """A kill between moving the old adapter aside and swapping the new one in: the next write puts the
+    old one back first, and half-written temp folders of dead processes go."""
+    from llm_installer.train.trainer import recover_adapter_leftovers
+
+    dead = _dead_pid()
+    (tmp_path / f".lora.old-{dead}").mkdir()
+    (tmp_path / f".lora.old-{dead}" / "adapter_model.safetensors").write_text("previous")
+    (tmp_path / f".lora.tmp-{dead}").mkdir()
+    recover_adapter_leftovers(tmp_path / "lora")
+    assert (tmp_path / "lora" / "adapter_model.safetensors").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def test_adapter_write_is_atomic(tmp_path):

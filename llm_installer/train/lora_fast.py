@@ -16,6 +16,15 @@ see no difference. LoRA dropout, when on, is applied to the LoRA path's input ou
 variants, several active adapters, disabled or merged adapters, a quantized or non-Linear base layer,
 mixed-adapter batches) goes through PEFT's unchanged forward. Equality with PEFT's forward and gradients
 is tested.
+
+Under autocast (bf16 or fp16, CPU or CUDA) the Function computes in the autocast dtype, as autocast makes
+PEFT's `base(x)` and LoRA matmuls do, and returns that dtype; autocast itself cannot do it here, as it
+leaves in-place ops such as `addmm_` alone (a float32 `lora_B` there stops the run). `torch.amp.custom_fwd`
+was not used: its `cast_inputs` pins one device type and one dtype per Function class, and `custom_bwd`
+enters an autocast context on every backward, fp32 ones included. Instead the caller passes the autocast
+dtype (None outside autocast, where nothing is cast and the float32 path is unchanged), the operands are
+cast once in `forward`, and `backward` hands each gradient back in its own input's dtype (float32 for the
+LoRA weights), so it gives the same result whether or not the backward itself runs under autocast.
 """
 
 from __future__ import annotations
@@ -28,8 +37,15 @@ def _function():
 
     class FusedLoraLinear(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, scaling: float):
+        def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, scaling: float, dtype):
             shape = x.shape
+            ctx.dtypes = None
+            if dtype is not None:  # under autocast: every operand in its dtype, as autocast casts PEFT's
+                ctx.dtypes = (x.dtype, None if x_drop is None else x_drop.dtype, lora_a.dtype, lora_b.dtype)
+                ctx.bias_dtype = None if bias is None else bias.dtype
+                x, weight, lora_a, lora_b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+                x_drop = None if x_drop is None else x_drop.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
             x2 = x.reshape(-1, shape[-1])
             xd = x2 if x_drop is None else x_drop.reshape(-1, shape[-1])
             xa = xd @ lora_a.t()
@@ -49,6 +65,8 @@ def _function():
             xd, xa, weight, lora_a, lora_b = ctx.saved_tensors
             s = ctx.scaling
             g = grad.reshape(-1, grad.shape[-1])
+            if ctx.dtypes is not None:
+                g = g.to(xa.dtype)
             gb = g @ lora_b  # (tokens, r)
             grad_x = grad_xd = grad_a = grad_b = grad_bias = None
             if ctx.separate:  # dropout on the LoRA path: its input gradient goes back through the mask
@@ -64,12 +82,21 @@ def _function():
                 grad_b = (g.t() @ xa).mul_(s)
             if ctx.needs_input_grad[3]:
                 grad_bias = g.sum(0)
-            return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, None
+            if ctx.dtypes is not None:  # computed in the autocast dtype, handed back in each input's own
+                x_dtype, xd_dtype, a_dtype, b_dtype = ctx.dtypes
+                grad_x = None if grad_x is None else grad_x.to(x_dtype)
+                grad_xd = None if grad_xd is None else grad_xd.to(xd_dtype)
+                grad_a = None if grad_a is None else grad_a.to(a_dtype)
+                grad_b = None if grad_b is None else grad_b.to(b_dtype)
+                grad_bias = None if grad_bias is None else grad_bias.to(ctx.bias_dtype)
+            return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, None, None
 
     return FusedLoraLinear
 
 
 _FN: Any = None
+# Device types whose autocast state is checked per call (`torch.is_autocast_enabled` refuses e.g. 'meta').
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
 def _fused_forward(layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -91,15 +118,25 @@ def _fused_forward(layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     name = active[0]
     base = layer.base_layer
     a = layer.lora_A[name].weight
-    if x.dtype != a.dtype or base.weight.dtype != a.dtype:
+    b = layer.lora_B[name].weight
+    device = x.device.type
+    dtype = None
+    if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
+        # Autocast does not cast inside an autograd Function's in-place ops: cast here, to the dtype autocast
+        # gives PEFT's `base(x)` and LoRA matmuls (float64 operands autocast leaves alone: PEFT's path).
+        if torch.float64 in (x.dtype, base.weight.dtype, a.dtype, b.dtype):
+            return type(layer).forward(layer, x, *args, **kwargs)
+        dtype = torch.get_autocast_dtype(device)
+    elif x.dtype != a.dtype or base.weight.dtype != a.dtype:
         return type(layer).forward(layer, x, *args, **kwargs)
     if _FN is None:
         _FN = _function()
     dropout = layer.lora_dropout[name]
-    x_drop = None if isinstance(dropout, torch.nn.Identity) or not layer.training else dropout(x)
-    return _FN.apply(
-        x, x_drop, base.weight, base.bias, a, layer.lora_B[name].weight, float(layer.scaling[name])
-    )
+    if isinstance(dropout, torch.nn.Identity) or not layer.training:
+        x_drop = None
+    else:  # PEFT casts the LoRA input to the adapter's dtype before its dropout (a bf16 `x` under autocast)
+        x_drop = dropout(x if x.dtype == a.dtype else x.to(a.dtype))
+    return _FN.apply(x, x_drop, base.weight, base.bias, a, b, float(layer.scaling[name]), dtype)
 
 
 def fuse_lora_layers(model: Any) -> int:

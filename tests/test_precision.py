@@ -263,3 +263,40 @@ def test_a_choice_serialises_for_the_plan(monkeypatch):
     )
     assert data["precision"] == "bf16" and data["source"] == "measured" and data["probe"]["speedup"] == 2.0
     assert precision.choose_precision("fp32", CPU, hidden=64, intermediate=128).to_dict()["probe"] is None
+
+
+def test_trainer_autocast_reaches_a_directly_called_backbone_only_inside_accelerator_autocast(tmp_path):
+    """What the trainer relies on (transformers 5.24 / accelerate 1.15): `bf16=True, use_cpu=True` autocasts
+    only the prepared model's own `forward` (accelerate wraps it); a loss that calls the backbone and head
+    directly runs in fp32 unless it enters `accelerator.autocast()`. fp16 on a CPU gets no autocast at all."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=64,
+    )
+    model = get_peft_model(
+        AutoModelForCausalLM.from_config(cfg), LoraConfig(r=2, target_modules=["down_proj"])
+    )
+    seen: list[torch.dtype] = []
+    down = model.get_base_model().model.layers[0].mlp.down_proj.base_layer
+    down.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+
+    def args(**kw):
+        return TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], **kw)
+
+    acc = Trainer(model=model, args=args(bf16=True)).accelerator
+    prepared = acc.prepare_model(model)
+    ids = torch.tensor([[1, 2, 3]])
+    backbone = prepared.get_base_model().model
+    backbone(input_ids=ids)
+    with acc.autocast():
+        backbone(input_ids=ids)
+    prepared(input_ids=ids)
+    assert seen == [torch.float32, torch.bfloat16, torch.bfloat16]
+    assert not Trainer(model=model, args=args(fp16=True)).accelerator.native_amp

@@ -44,10 +44,16 @@ class Hardware:
         return "cuda" if self.cuda else "mps" if self.mps else "cpu"
 
     def best_precision(self) -> str:
-        """The seed's hardware-aware rule: CC>=8 bf16, CC 7 fp16, older GPUs fp32; CPU bf16 only if fast."""
+        """The old rule, kept until its callers move to `llm_installer.precision.choose_precision`.
+
+        On a GPU it is that module's compute-capability rule; on a CPU it trusts the bf16 flags, which
+        `choose_precision` replaces with a timed probe (the flags said "fast" on machines where bf16 training
+        was slower than fp32).
+        """
         if self.cuda and self.compute_capability:
-            major = self.compute_capability[0]
-            return "bf16" if major >= 8 else "fp16" if major >= 7 else "fp32"
+            from llm_installer.precision import cuda_precision
+
+            return cuda_precision(self.compute_capability)
         if self.mps:
             return "fp32"
         return "bf16" if self.cpu_bf16_fast else "fp32"
@@ -76,14 +82,40 @@ def _meminfo() -> tuple[float, float]:
 
 
 def _cpu_flags() -> set[str]:
+    """The first CPU's instruction-set flags (x86 `flags`, ARM `Features`), empty where /proc is absent."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
             for line in fh:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):
                     return set(line.split(":", 1)[1].split())
     except OSError:
         pass
     return set()
+
+
+def cpu_model() -> str:
+    """The CPU's model name with its family/model/stepping numbers where /proc/cpuinfo has them.
+
+    A cache key part: a virtual machine often reports a generic name ("Intel(R) Xeon(R) Processor"), and the
+    numbers tell its CPU generations apart. Elsewhere it is what `platform` knows.
+    """
+    import platform
+
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or fields.get("Model") or fields.get("Hardware") or ""
+    numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping", "CPU part") if fields.get(k)]
+    if not name:
+        name = platform.processor() or platform.machine() or "unknown"
+    return f"{name} ({', '.join(numbers)})" if numbers else name
 
 
 def cpu_bf16_fast() -> bool:

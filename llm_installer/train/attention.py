@@ -107,14 +107,12 @@ def _repeat_kv(x: Any, groups: int) -> Any:
     return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
 
 
-def _causal_keep(q_len: int, k_len: int, window: int | None, device: Any) -> Any:
-    """Boolean (q_len, k_len) mask, True where a query may attend: causal, and within `window` when given.
-
-    Queries are the last q_len positions of the keys when k_len > q_len (bottom-right alignment)."""
+def _causal_keep(n: int, window: int | None, device: Any) -> Any:
+    """Boolean (n, n) mask, True where a query may attend: causal, and within `window` when given."""
     import torch
 
-    i = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-    j = torch.arange(k_len, device=device)[None, :]
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
     keep = j <= i
     if window is not None:
         keep &= j > i - window
@@ -176,7 +174,7 @@ def _one_example(
     n = q.shape[2]
     banded = window is not None and n > window
     if softcap is not None or sinks is not None:
-        keep = _causal_keep(n, n, window if banded else None, q.device)
+        keep = _causal_keep(n, window if banded else None, q.device)
         return _explicit_attention(
             q, k, v, keep, scaling=scaling, softcap=softcap, sinks=sinks, dropout=dropout, training=training
         )
@@ -192,7 +190,7 @@ def _one_example(
             q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, **gqa
         )
     # a masked SDPA with enable_gqa falls back to the math kernel on CUDA: repeat this example's K/V instead
-    keep = _causal_keep(n, n, window, q.device)
+    keep = _causal_keep(n, window, q.device)
     k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout, scale=scaling)
 
@@ -223,7 +221,7 @@ def _with_mask(
     keep = attention_mask
     if keep is None and causal and q_len > 1:
         # sdpa's is_causal is top-left aligned (transformers only omits the mask when that is right)
-        keep = _causal_keep(q_len, q_len, None, query.device)
+        keep = _causal_keep(q_len, None, query.device)
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = _explicit_attention(

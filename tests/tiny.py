@@ -268,3 +268,21 @@ def build_tiny_model(family: str, out_dir: Path, tokenizer_dir: Path, seed: int 
         if f.is_file():
             shutil.copy2(f, out_dir / f.name)
     return out_dir
+
+
+def tiny_text_config(family: str, vocab_size: int = TOKENIZER_VOCAB, **overrides: Any):
+    """The tiny config of text `family` with `overrides` (e.g. `sliding_window=8`), or of another family
+    that takes the shared small shape (e.g. `gpt_oss`).
+
+    The overrides go to the config class itself rather than being set afterwards, so what the class derives
+    from them (Qwen2's per-layer `layer_types` from `use_sliding_window`) follows."""
+    from transformers import AutoConfig
+
+    if not overrides and family in TEXT_FAMILIES:
+        return _text_config(family, vocab_size)
+    if family in ("gpt2", "gpt_neox", "deepseek_v2", "deepseek_v3"):
+        raise KeyError(
+            f"overrides are only supported for the families built from the shared shape, not {family}"
+        )
+    small = dict(_SMALL, vocab_size=vocab_size)
+    return AutoConfig.for_model(family, **{**small, **_TEXT_EXTRA.get(family, {}), **overrides})

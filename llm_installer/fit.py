@@ -68,6 +68,39 @@ def _activations_gb(info: ModelInfo, bytes_per: float) -> float:
     return (layers * hidden * tokens * 34 * bytes_per / 2 + logits) / GIB
 
 
+def _training_precision(info: ModelInfo, hw: Any) -> str:
+    """The precision a training plan would pick here (the plan's own rule, measured on a CPU)."""
+    from llm_installer.precision import choose_precision
+    from llm_installer.train.plan import model_shapes
+
+    hidden, inter = model_shapes(info)
+    try:
+        return choose_precision(
+            "auto", hw, hidden=hidden, intermediate=inter, rows=TRAIN_BATCH * TRAIN_SEQ
+        ).precision
+    except Exception:  # a probe that cannot run (no torch kernels for the shapes) must not break `check`
+        return "fp32"
+
+
+def _plan_refusal(info: ModelInfo, hw: Any) -> str | None:
+    """Why a training plan for this model would be refused on this machine (the plan's rules), or None."""
+    from llm_installer.errors import UserError
+    from llm_installer.handlers.registry import get_handler
+    from llm_installer.train.plan import check_method, forces_4bit
+
+    try:
+        params = get_handler(info).get_training_parameters() or {}
+    except Exception:
+        return None  # `train` reports a broken handler itself
+    if not forces_4bit(params):
+        return None
+    try:
+        check_method("qlora", "handler", hw, info)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
 def estimate(info: ModelInfo, hw: Any) -> FitReport:
     """Memory needs for inference (fp32/bf16/int8/int4) and LoRA/QLoRA training against `hw`."""
     params = _param_count(info)
@@ -85,7 +118,7 @@ def estimate(info: ModelInfo, hw: Any) -> FitReport:
             f"inference {prec}", params * b / GIB + _kv_cache_gb(info, kv_b) + RUNTIME_OVERHEAD_GB
         )
         rows.append(inference[prec])
-    train_precision = hw.best_precision()
+    train_precision = _training_precision(info, hw)
     tb = 4 if train_precision == "fp32" else 2
     lora_extra = params * 0.01 * 16 / GIB  # ~1% trainable: fp32 weights, grads, 2 Adam moments
     train_overhead = RUNTIME_OVERHEAD_GB + 0.4  # optimizer bookkeeping, data, allocator fragmentation
@@ -100,6 +133,9 @@ def estimate(info: ModelInfo, hw: Any) -> FitReport:
     if not info.trainable or info.task == "diffusion":
         verdict = f"{info.task} model: recognised, but not trainable or servable by llm-installer"
         return FitReport(rows, verdict, settings)
+    refusal = _plan_refusal(info, hw)
+    if refusal:
+        return FitReport(rows, f"cannot train here: {refusal}", settings)
     if gpu is not None and lora <= gpu:
         verdict = f"fits: LoRA training on the GPU in {train_precision}"
         settings = {"device": "cuda", "precision": train_precision, "quantization": "none", "method": "lora"}
@@ -293,9 +329,9 @@ def doctor_rows() -> list[tuple[str, str]]:
         )
     rows += [
         ("mps", "available" if hw.mps else "not available"),
-        ("cpu", f"{hw.cpu_count} cores; fast bf16: {'yes' if hw.cpu_bf16_fast else 'no (fp32 is used)'}"),
+        ("cpu", f"{hw.cpu_count} cores"),
         ("ram", f"{hw.ram_gb:.1f} GiB total, {hw.ram_available_gb:.1f} GiB available"),
-        ("precision", f"{hw.best_precision()} would be used for training"),
+        ("precision", _doctor_precision(hw)),
         ("models folder", f"{store.models_dir()} ({hardware.disk_free_gb(store.models_dir()):.1f} GiB free)"),
     ]
     for dist in (
@@ -318,3 +354,11 @@ def doctor_rows() -> list[tuple[str, str]]:
         rows.append(("bundled model", f"missing: {exc}"))
     rows.append(("hub", hub_reachable()))
     return rows
+
+
+def _doctor_precision(hw: Any) -> str:
+    """What `--precision auto` picks here and why (measured on a CPU with SmolLM2-sized layers)."""
+    from llm_installer.precision import choose_precision
+
+    choice = choose_precision("auto", hw, hidden=576, intermediate=1536)
+    return f"{choice.precision} for training: {choice.why}"

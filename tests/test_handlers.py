@@ -339,7 +339,7 @@ def test_hardware_fit_downgrades_only_unsupported_precision(monkeypatch):
     cpu = hardware.Hardware(cpu_count=2, ram_gb=24, ram_available_gb=20)
     monkeypatch.setattr(hardware, "detect", lambda: cpu)
     rows = {k: (v, s) for k, v, s in WantsBf16({"model_id": "a/b"}).training_parameters_with_sources()}
-    assert rows["training_precision"] == ("fp32", "hardware (CPU, no fast bf16)")
+    assert rows["training_precision"] == ("auto", "hardware (CPU: bf16 vs fp32 measured at plan time)")
 
     gpu = hardware.Hardware(
         cpu_count=2, ram_gb=24, ram_available_gb=20, cuda=True, gpus=(hardware.GPU("h100", 80, (9, 0)),)

@@ -7,7 +7,7 @@ differs, exactly like the seed's examples.
 
 Provenance: every `get_training_parameters()` defined in a handler class is wrapped (see
 `__init_subclass__`) so that after the whole `super()` chain has run we know which class — or which
-named rule inside it ("size rule (<1B)", "hardware (CPU, no fast bf16)") — set each key. `train --dry-run`
+named rule inside it ("size rule (<1B)", "hardware (CPU: bf16 vs fp32 measured at plan time)") — set each key. `train --dry-run`
 and `show NAME --training` print that as "value and why".
 """
 
@@ -262,10 +262,12 @@ class BaseHandler:
         # Only downgrade what this machine cannot do well; an explicit fp32 stays fp32.
         if hw.cuda:
             unsupported = (wanted == "bf16" and best != "bf16") or (wanted == "fp16" and best == "fp32")
-        else:
-            unsupported = wanted == "fp16" or (wanted == "bf16" and best != "bf16")
-        if unsupported:
-            out["training_precision"] = best
+            if unsupported:
+                out["training_precision"] = best
+                sources["training_precision"] = _hardware_label(hw)
+        elif wanted in ("bf16", "fp16"):
+            # on a CPU the plan measures bf16 against fp32 (llm_installer.precision); fp16 has no CPU autocast
+            out["training_precision"] = "auto"
             sources["training_precision"] = _hardware_label(hw)
         if out.get("supports_flash_attention") and not hw.supports_flash_attention():
             out["supports_flash_attention"] = False
@@ -434,7 +436,7 @@ def _hardware_label(hw: Any) -> str:
         return f"hardware (GPU compute capability {major}.{minor})"
     if hw.mps:
         return "hardware (Apple GPU)"
-    return "hardware (CPU, fast bf16)" if hw.cpu_bf16_fast else "hardware (CPU, no fast bf16)"
+    return "hardware (CPU: bf16 vs fp32 measured at plan time)"
 
 
 def _uses_4bit(cfg: Mapping[str, Any], model: Any) -> bool:

@@ -12,7 +12,7 @@ def training_parameters_with_sources(model_info: ModelInfo | Mapping[str, Any]) 
     """[(key, value, source)] from the model's handler, after fitting precision to this machine.
 
     Sources name the class or rule that set each value: "base default", "TransformerHandler",
-    "LlamaHandler", "size rule (<1B)", "hardware (CPU, no fast bf16)", "MoEHandler", ...
+    "LlamaHandler", "size rule (<1B)", "hardware (CPU: bf16 vs fp32 measured at plan time)", "MoEHandler", ...
     """
     from llm_installer.handlers.registry import get_handler
 

@@ -87,8 +87,10 @@ def apply_expert_top_k(model: Any, top_k: int) -> int:
     for c in {id(config): config, id(text): text}.values():
         if c is not None and hasattr(c, "num_experts_per_tok"):
             c.num_experts_per_tok = top_k
-            experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None) or getattr(
-                c, "n_routed_experts", None
+            experts = (
+                getattr(c, "num_local_experts", None)
+                or getattr(c, "num_experts", None)
+                or getattr(c, "n_routed_experts", None)
             )
     if experts is not None and top_k > int(experts):
         from llm_installer.errors import UserError

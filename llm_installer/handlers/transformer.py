@@ -112,8 +112,9 @@ class TransformerHandler(BaseHandler):
                 self.set_param(params, "training_precision", "fp32", label)
                 self.set_param(params, "supports_flash_attention", False, label)
         else:
-            # CPU (or Apple GPU): fp32 unless the CPU has native bf16 matmuls (bf16 training is ~40x slower otherwise).
-            self.set_param(params, "training_precision", hw.best_precision(), label)
+            # CPU (or Apple GPU): "auto": the plan measures bf16 against fp32 on this machine's own layer shapes
+            # (llm_installer.precision): CPU flags mispredicted it both ways on the machines measured.
+            self.set_param(params, "training_precision", "auto", label)
             self.set_param(params, "supports_flash_attention", False, label)
 
 

@@ -66,7 +66,7 @@ def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
     if plan.value("data"):
         tokenizer = load_tokenizer_for(folder, handler, info)
         data = prepare_run_data(plan, folder, info, tokenizer, handler)
-        media = apply_media_settings(plan, data, console)
+        media = apply_media_settings(plan, data, console, info)
 
     t = Table(title=f"Training plan for {plan.model['model_id']} (handler {plan.model['handler']})")
     t.add_column("setting")

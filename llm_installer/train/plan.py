@@ -329,6 +329,74 @@ def check_method(method: str, source: str, hw: Any, info: Any) -> None:
         raise UserError("--method qlora needs bitsandbytes: pip install bitsandbytes (or use --method lora)")
 
 
+def _text_config(info: Any) -> dict[str, Any]:
+    cfg = dict(info.config or {})
+    text = cfg.get("text_config")
+    return {**cfg, **text} if isinstance(text, dict) else cfg
+
+
+def model_shapes(info: Any) -> tuple[int, int | None]:
+    """(hidden size, MLP width) from the model's config, for the precision probe (defaults when absent)."""
+    cfg = _text_config(info)
+    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model") or 1024
+    inter = cfg.get("intermediate_size") or cfg.get("moe_intermediate_size") or cfg.get("n_inner")
+    return int(hidden), (int(inter) if inter else None)
+
+
+def resolve_precision(r: _Resolver, hw: Any, info: Any) -> None:
+    """The precision the run applies: the user's --precision, else measured on this machine (CPU) or the
+    GPU's compute capability; a handler's wish is shown when the measurement overrules it."""
+    from llm_installer.precision import choose_precision
+
+    entry = r.settings["precision"]
+    requested = entry["value"] if entry["source"] == "user" else "auto"
+    hidden, inter = model_shapes(info)
+    rows = int(r.get("batch_size")) * int(r.get("max_seq_length"))
+    choice = choose_precision(requested, hw, hidden=hidden, intermediate=inter, rows=rows)
+    if entry["source"] == "user":
+        r.set("precision", choice.precision, "user", choice.why)
+        return
+    asked = (
+        f" (handler asked {entry['value']})"
+        if entry["source"] == "handler" and entry["value"] != choice.precision
+        else ""
+    )
+    r.set("precision", choice.precision, "hardware", choice.why + asked)
+
+
+def resolve_attention(r: _Resolver, hw: Any, info: Any, hparams: Mapping[str, Any]) -> None:
+    """Packing and the attention implementation through `train.attention`'s rule (one home for it).
+
+    Packing goes off, with the reason, for a model whose packed rows would not be exact (an explicit
+    --packing there is refused); the handler's `supports_flash_attention` lets flash-attention 2 in on CUDA,
+    and its `special_requirements['attn_implementation']` names the padded-rows implementation."""
+    import importlib.util
+
+    from llm_installer.train.attention import choose_attention, packing_blocker
+
+    cfg = dict(info.config or {})
+    model_type = info.model_type or cfg.get("model_type") or ""
+    if r.get("packing"):
+        blocker = packing_blocker(model_type, cfg)
+        if blocker:
+            if r.settings["packing"]["source"] == "user":
+                raise UserError(
+                    f"--packing: packed rows are not exact for {info.model_id}: {blocker}; drop --packing"
+                )
+            r.set("packing", False, "handler", f"padded rows: {blocker}")
+    flash = (
+        bool(hparams.get("supports_flash_attention")) and importlib.util.find_spec("flash_attn") is not None
+    )
+    impl, why = choose_attention(
+        model_type, cfg, packing=bool(r.get("packing")), device=hw.accelerator, flash_available=flash
+    )
+    wanted = (hparams.get("special_requirements") or {}).get("attn_implementation")
+    if not r.get("packing") and wanted and impl != "flash_attention_2" and wanted != impl:
+        impl, why = wanted, f"padded rows: the handler's special_requirements ask {wanted}"
+    source = "handler" if wanted == impl else r.settings["packing"]["source"]
+    r.set("attn_implementation", impl, source, why)
+
+
 def build_plan(
     model_folder: Any,
     args: Any = None,
@@ -395,28 +463,19 @@ def build_plan(
     if info.context_length and r.get("max_seq_length") > info.context_length:
         r.set("max_seq_length", info.context_length, "handler", f"model context length {info.context_length}")
     if forces_4bit(hparams):
-        r.set("method", "qlora", "handler", f"{handler_name}: force_4bit (the seed's pattern 4: >30B models train 4-bit)")
+        r.set(
+            "method",
+            "qlora",
+            "handler",
+            f"{handler_name}: force_4bit (the seed's pattern 4: >30B models train 4-bit)",
+        )
 
     # auto rank by size sits at the handler layer: the handler may state its own rank
     if r.settings["lora_r"]["source"] == "default":
         rank, why = auto_lora_rank(info.num_parameters or (info.params_billions or 0) * 1e9 or None)
         r.set("lora_r", rank, "model size", why)
 
-    # 3. hardware
-    best = hw.best_precision()
-    if r.get("precision") != best:
-        if r.settings["precision"]["source"] == "handler" and r.get("precision") == "fp16" and best == "bf16":
-            pass  # a handler that asks for fp16 on a bf16-capable GPU keeps its choice
-        else:
-            was = r.get("precision")
-            why = {
-                "cpu": "CPU without fast bf16 (AVX512-BF16/AMX): fp32 training matmuls are ~40x faster than emulated bf16"
-                if best == "fp32"
-                else "CPU with native bf16 matmuls",
-                "cuda": f"GPU compute capability {hw.compute_capability}",
-                "mps": "Apple GPU: fp32 is the safe choice",
-            }[hw.accelerator]
-            r.set("precision", best, "hardware", why + (f" (handler asked {was})" if was != "fp32" else ""))
+    # 3. hardware (precision and attention are decided below, once the batch shape is known)
     r.set("device", hw.accelerator, "hardware", f"{hw.accelerator} detected")
     r.set("torch_threads", hw.cpu_count, "hardware", f"{hw.cpu_count} CPU cores")
     params_b = info.params_billions or 0
@@ -427,13 +486,6 @@ def build_plan(
             "hardware",
             "CPU with a small model: recomputation costs ~27% and memory is ample",
         )
-    if hw.supports_flash_attention():
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn") is not None:
-            r.set(
-                "attn_implementation", "flash_attention_2", "hardware", "GPU CC>=8 and flash-attn installed"
-            )
 
     # 4. mode
     mode = user.get("mode", "medium")
@@ -474,16 +526,8 @@ def build_plan(
         r.set("resume", user["resume"], "user", "--resume-from" if user["resume"] != "latest" else "--resume")
 
     # derived settings
-    cfg = info.config or {}
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-    windowed = bool(window) and int(window) < int(r.get("max_seq_length"))
-    if r.get("packing") and r.get("attn_implementation") == "sdpa" and not windowed:
-        r.set(
-            "attn_implementation",
-            "packed_sdpa",
-            r.settings["packing"]["source"],
-            "packed rows: fused causal SDPA per example (sum of len^2, no mask, no padding)",
-        )
+    resolve_precision(r, hw, info)
+    resolve_attention(r, hw, info, hparams)
     if r.get("method") != "lora":
         r.set("fused_lora", False, r.settings["method"]["source"], "DoRA/QLoRA layers run PEFT's own forward")
     if r.settings["lora_r"]["source"] == "user" and r.settings["lora_alpha"]["source"] != "user":

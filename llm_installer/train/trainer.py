@@ -393,7 +393,7 @@ def media_keys(examples: list[dict[str, Any]]) -> list[str]:
     return sorted(keys - {"input_ids", "labels"})
 
 
-def settings_for_media(plan: TrainingPlan, keys: list[str]) -> bool:
+def settings_for_media(plan: TrainingPlan, keys: list[str], info: Any = None) -> bool:
     """Switch the plan to padded batches for image/video examples; refuse keys no collator can batch.
 
     Padding-free packing cannot carry per-example pixel tensors, so such data trains with padded, masked
@@ -416,19 +416,26 @@ def settings_for_media(plan: TrainingPlan, keys: list[str]) -> bool:
     if plan.value("packing"):
         plan["settings"]["packing"] = {"value": False, "source": "data", "why": why}
         changed = True
-    # packed_sdpa was derived from packing; padded rows (and the vision tower) take plain sdpa
-    if plan.value("attn_implementation") == "packed_sdpa":
-        plan["settings"]["attn_implementation"] = {"value": "sdpa", "source": "data", "why": why}
+    # the packed-rows attention was derived from packing; padded rows take the model's padded choice
+    from llm_installer.train.attention import PACKED_IMPLEMENTATIONS, choose_attention
+
+    if plan.value("attn_implementation") in PACKED_IMPLEMENTATIONS:
+        cfg = dict(getattr(info, "config", None) or {})
+        model_type = getattr(info, "model_type", None) or cfg.get("model_type") or ""
+        impl, _ = choose_attention(
+            model_type, cfg, packing=False, device=plan.value("device"), flash_available=False
+        )
+        plan["settings"]["attn_implementation"] = {"value": impl, "source": "data", "why": why}
         changed = True
     return changed
 
 
-def apply_media_settings(plan: TrainingPlan, data: Any, console: Any) -> list[str]:
+def apply_media_settings(plan: TrainingPlan, data: Any, console: Any, info: Any = None) -> list[str]:
     """settings_for_media for prepared `data`, saying so on `console` when packing goes off; the media keys.
 
     The training run and `--dry-run` both go through here, so they make (and print) the same choice."""
     keys = media_keys([*data.train, *data.validation])
-    if settings_for_media(plan, keys):
+    if settings_for_media(plan, keys, info):
         console.print(
             "packing is off for image data: padded batches (packed rows cannot carry per-example pixel "
             f"tensors); attention {plan.value('attn_implementation')}",
@@ -460,10 +467,8 @@ def load_training_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
         )
-    if plan.value("attn_implementation") == "packed_sdpa":
-        from llm_installer.train.attention import register
+    from llm_installer.train.attention import attention_load_kwargs
 
-        register()
     model = load_model(
         folder.model_dir,
         task=getattr(info, "task", "causal_lm") or "causal_lm",
@@ -471,7 +476,7 @@ def load_training_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any
         device_map={"": 0} if quant is not None else None,
         quantization_config=quant,
         trust_remote_code=bool(getattr(info, "trust_remote_code", False)),
-        attn_implementation=plan.value("attn_implementation"),
+        **attention_load_kwargs(plan.value("attn_implementation")),
     )
     model.config.use_cache = False
     if quant is not None:
@@ -562,22 +567,26 @@ class _LossTrainer:
                     # DDP averages gradients over processes: each one's sum / (global count / processes)
                     # adds up to the global mean
                     num_items = num_items_in_batch / self.accelerator.num_processes
-                # the head-only path calls the backbone and the head directly, around the model's forward
-                # that accelerate wrapped in autocast: the plan's precision must hold here too
-                with self.accelerator.autocast():
-                    loss = causal_lm_loss(
-                        model,
-                        inputs,
-                        head_on_labels=head_only(inputs),
-                        num_items=num_items,
-                        aux_scale=1.0 / self.current_gradient_accumulation_steps if num_items is not None else 1.0,
-                    )
+                loss = causal_lm_loss(
+                    model,
+                    inputs,
+                    head_on_labels=head_only(inputs),
+                    num_items=num_items,
+                    aux_scale=1.0 / self.current_gradient_accumulation_steps
+                    if num_items is not None
+                    else 1.0,
+                )
                 return (loss, None) if return_outputs else loss
+
+            def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+                # accelerate wraps only the model's own forward in autocast; the head-only loss calls the
+                # backbone and the head directly, so training and eval steps enter the plan's autocast here
+                return self.accelerator.autocast()
 
             def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
                 inputs = self._prepare_inputs(inputs)
                 inputs.pop("num_real_tokens", None)
-                with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
+                with torch.no_grad(), self.compute_loss_context_manager():
                     loss = causal_lm_loss(model, inputs, head_on_labels=head_only(inputs))
                 return loss.detach(), None, None
 
@@ -585,7 +594,9 @@ class _LossTrainer:
                 super()._save_checkpoint(model, trial)
                 # a checkpoint counts for --resume only once it is whole: the marker is written last
                 if self.args.should_save:
-                    mark_checkpoint_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+                    mark_checkpoint_complete(
+                        Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+                    )
 
         return LLMTrainer(**kwargs)
 
@@ -706,7 +717,7 @@ def run_training(
             )
         # image/video examples (pixel_values etc.) train in padded batches: recorded in the plan before it
         # is fingerprinted, so a resumed run makes the same choice
-        apply_media_settings(plan, data, console)
+        apply_media_settings(plan, data, console, info)
     except BaseException:
         if resumed_from is None and main:  # leave no empty run folder behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -750,7 +761,9 @@ def run_training(
     # with per-example attention a whole batch is one row (no padding at all); with a mask-based
     # attention, rows of at most max_seq_length keep the row x row mask small
     row_tokens = int(plan.value("max_seq_length"))
-    if plan.value("attn_implementation") in ("packed_sdpa", "flash_attention_2"):
+    from llm_installer.train.attention import attends_per_example
+
+    if attends_per_example(plan.value("attn_implementation")):
         row_tokens *= int(plan.value("batch_size"))
     collator = (
         PaddingFreeCollator(tokenizer.pad_token_id, row_tokens)

@@ -6,6 +6,7 @@ Everything is built offline. Session-scoped fixtures convert the bundled GGUF on
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the precision probe's cache: one per test session, never the user's
+os.environ.setdefault("LLM_INSTALLER_CACHE_DIR", tempfile.mkdtemp(prefix="llm-installer-cache-"))
 
 from tests.tiny import build_tiny_model  # noqa: E402
 

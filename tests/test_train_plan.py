@@ -16,7 +16,6 @@ from tests.test_train_fixtures import cli_args
 tiny_installed = fx.tiny_installed  # the shared fixture
 
 CPU = Hardware(cpu_count=2, ram_gb=24.0, ram_available_gb=20.0)
-CPU_BF16 = Hardware(cpu_count=8, ram_gb=64.0, ram_available_gb=60.0, cpu_bf16_fast=True)
 A100 = Hardware(cpu_count=8, ram_gb=64.0, ram_available_gb=60.0, cuda=True, gpus=(GPU("A100", 80.0, (8, 0)),))
 
 
@@ -49,7 +48,8 @@ def test_precedence_default_handler_hardware_mode_user(tiny_installed):
     assert (
         plan.source("gradient_checkpointing") == "hardware" and plan.value("gradient_checkpointing") is False
     )
-    assert plan.value("precision") == "fp32" and plan.value("device") == "cpu"
+    assert plan.source("precision") == "hardware" and plan.value("device") == "cpu"
+    assert plan["settings"]["precision"]["why"].startswith("measured on this CPU")
     assert plan.source("torch_threads") == "hardware" and plan.value("torch_threads") == 2
     # mode (medium by default) over hardware/handler
     assert plan.source("lora_dropout") == "mode" and plan.value("lora_dropout") == 0.05
@@ -70,11 +70,22 @@ def test_precedence_default_handler_hardware_mode_user(tiny_installed):
     assert (plan.value("learning_rate"), plan.source("learning_rate")) == (0.0003, "user")
 
 
-def test_precision_follows_the_hardware(tiny_installed):
-    assert plan_for(tiny_installed, "--data", "d", hardware=CPU).value("precision") == "fp32"
-    assert plan_for(tiny_installed, "--data", "d", hardware=CPU_BF16).value("precision") == "bf16"
+def test_precision_is_measured_on_a_cpu_and_follows_the_gpu(tiny_installed):
+    from llm_installer.precision import probe_cpu_precision
+
+    cpu = plan_for(tiny_installed, "--data", "d", hardware=CPU)
+    probe = probe_cpu_precision(64, 128, rows=4 * 512)  # the tiny model's shapes: the cached measurement
+    assert cpu.value("precision") == probe.choice and cpu.source("precision") == "hardware"
+    assert f"bf16 {probe.bf16_ms:.1f} ms" in cpu["settings"]["precision"]["why"]
     gpu = plan_for(tiny_installed, "--data", "d", hardware=A100)
     assert gpu.value("precision") == "bf16" and gpu.value("device") == "cuda"
+    for flag in ("fp32", "bf16"):  # explicit: honoured on a CPU whatever the measurement says
+        plan = plan_for(tiny_installed, "--data", "d", "--precision", flag, hardware=CPU)
+        assert (plan.value("precision"), plan.source("precision")) == (flag, "user")
+    with pytest.raises(UserError, match="--precision fp16"):
+        plan_for(tiny_installed, "--data", "d", "--precision", "fp16", hardware=CPU)
+    with pytest.raises(UserError, match="--precision 'fp8' is unknown"):
+        plan_for(tiny_installed, "--data", "d", "--precision", "fp8", hardware=CPU)
 
 
 def test_modes_have_their_concrete_settings(tiny_installed):

@@ -18,7 +18,9 @@ def held_out_prompts(examples: list[dict[str, Any]], n: int) -> list[dict[str, A
     """
     from llm_installer.data.collate import MEDIA_KEYS
 
-    out = []
+    out: list[dict[str, Any]] = []
+    if n <= 0:
+        return out
     for ex in examples:
         labels = ex["labels"]
         first = next((i for i, t in enumerate(labels) if t != IGNORE), None)

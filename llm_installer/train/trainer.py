@@ -578,6 +578,11 @@ class _LossTrainer:
                 )
                 return (loss, None) if return_outputs else loss
 
+            def evaluate(self, *a: Any, **kw: Any):
+                # evaluation must not move the random stream the training draws its dropout masks from
+                with torch.random.fork_rng(devices=[]):
+                    return super().evaluate(*a, **kw)
+
             def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
                 # accelerate wraps only the model's own forward in autocast; the head-only loss calls the
                 # backbone and the head directly, so training and eval steps enter the plan's autocast here

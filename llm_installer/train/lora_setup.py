@@ -56,12 +56,20 @@ def _with(config: Any, **changes: Any) -> Any:
     return out
 
 
-def _get_peft_model(model: Any, config: Any, adapter_name: str) -> Any:
+def _get_peft_model(model: Any, config: Any, adapter_name: str, *, loading: bool = False) -> Any:
+    """get_peft_model for training; for loading, the PeftModel class built as `PeftModel.from_pretrained`
+    builds it (get_peft_model warns about adapter names such as the engine's "lora", which that does not)."""
     from peft import get_peft_model
 
     with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config, adapter_name=adapter_name)
+        if not loading:
+            return get_peft_model(model, config, adapter_name=adapter_name)
+        from peft import PeftModel
+        from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+        cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+        return cls(model, config, adapter_name)
 
 
 def _rebuild_module_layers(peft_model: Any, adapter_name: str, config: Any) -> int:
@@ -92,11 +100,12 @@ def _rebuild_module_layers(peft_model: Any, adapter_name: str, config: Any) -> i
     return count
 
 
-def _wrap(model: Any, config: Any, adapter_name: str) -> Any:
+def _wrap(model: Any, config: Any, adapter_name: str, *, loading: bool = False) -> Any:
     """get_peft_model, with the experts built as PEFT allows and the other layers as `config` says."""
     if not _needs_split(config):
-        return _get_peft_model(model, config, adapter_name)
-    peft_model = _get_peft_model(model, _with(config, lora_dropout=0.0, use_dora=False), adapter_name)
+        return _get_peft_model(model, config, adapter_name, loading=loading)
+    expert_config = _with(config, lora_dropout=0.0, use_dora=False)
+    peft_model = _get_peft_model(model, expert_config, adapter_name, loading=loading)
     _rebuild_module_layers(peft_model, adapter_name, config)
     # what saving (PEFT names DoRA's keys by use_dora) and reloading need; dropout has no part there
     peft_model.peft_config[adapter_name] = _with(config, lora_dropout=0.0)
@@ -155,7 +164,7 @@ def load_adapter(
     if not isinstance(config, LoraConfig) or not _needs_split(config):
         return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable)
     config.inference_mode = not is_trainable
-    peft_model = _wrap(model, config, adapter_name)
+    peft_model = _wrap(model, config, adapter_name, loading=True)
     result = peft_model.load_adapter(path, adapter_name, is_trainable=is_trainable)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     if result.missing_keys or unexpected:

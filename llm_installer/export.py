@@ -61,10 +61,10 @@ def export_merged(
 ) -> Path:
     """Merge the adapter into the base weights and save a plain transformers folder at `out`."""
     import torch
-    from peft import PeftModel
 
     from llm_installer import loading
     from llm_installer.serve.engine import chat_settings
+    from llm_installer.train.lora_setup import load_adapter
 
     out = Path(out).expanduser().resolve()
     lora_dir = _resolve_lora(folder, lora)
@@ -81,7 +81,7 @@ def export_merged(
     model = loading.load_model(folder.model_dir, dtype="fp32", trust_remote_code=info.trust_remote_code)
     step("merging the adapter")
     try:
-        model = PeftModel.from_pretrained(model, str(lora_dir), is_trainable=False)
+        model = load_adapter(model, lora_dir, is_trainable=False)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise UserError(f"adapter {lora_dir} does not fit model {folder.name}: {exc}") from None
     model = model.merge_and_unload()
@@ -282,9 +282,9 @@ def smoke_test(
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     if adapter_dir is not None:
-        from peft import PeftModel
+        from llm_installer.train.lora_setup import load_adapter
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = load_adapter(model, adapter_dir)
     model.eval()
     eos = model.generation_config.eos_token_id
     if eos is None:

@@ -255,12 +255,10 @@ class Engine:
         if torch.cuda.is_available():
             model = model.to("cuda")
         if lora_dir is not None:
-            from peft import PeftModel
+            from llm_installer.train.lora_setup import load_adapter
 
             try:
-                model = PeftModel.from_pretrained(
-                    model, str(lora_dir), adapter_name=ADAPTER_NAME, is_trainable=False
-                )
+                model = load_adapter(model, lora_dir, adapter_name=ADAPTER_NAME, is_trainable=False)
             except (ValueError, KeyError, RuntimeError, OSError) as exc:
                 raise UserError(f"adapter {lora_dir} does not fit model {folder.name}: {exc}") from None
             if merge_adapter:

@@ -14,9 +14,9 @@ from llm_installer.train.plan import TrainingPlan, estimate_memory
 def meta_peft_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any) -> Any:
     """The LoRA-wrapped model built on the meta device (shapes only, no memory, no weights read)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from llm_installer.train.lora_setup import build_peft_model
     from llm_installer.train.trainer import lora_target_kwargs
 
     trust = bool(getattr(info, "trust_remote_code", False))
@@ -28,19 +28,14 @@ def meta_peft_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any) ->
             model = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust)
         else:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
-        lora = LoraConfig(
+        return build_peft_model(
+            model,
             r=plan.value("lora_r"),
-            lora_alpha=plan.value("lora_alpha"),
-            lora_dropout=plan.value("lora_dropout"),
-            use_dora=plan.value("method") == "dora",
-            task_type="CAUSAL_LM",
-            **lora_target_kwargs(model, plan, handler),
+            alpha=plan.value("lora_alpha"),
+            dropout=plan.value("lora_dropout"),
+            method=plan.value("method"),
+            target_kwargs=lora_target_kwargs(model, plan, handler),
         )
-        import warnings
-
-        with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return get_peft_model(model, lora)
 
 
 def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:

@@ -447,7 +447,6 @@ def apply_media_settings(plan: TrainingPlan, data: Any, console: Any, info: Any 
 def load_training_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any) -> Any:
     """Base model in the plan's precision (4-bit for QLoRA), prepared by the handler, wrapped with LoRA/DoRA."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from llm_installer.loading import load_model
 
@@ -494,21 +493,16 @@ def load_training_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any
     )
     if not plan.value("gradient_checkpointing") and getattr(model, ckpt_attr, False):
         model.gradient_checkpointing_disable()
-    lora_kwargs = lora_target_kwargs(model, plan, handler)
-    config = LoraConfig(
-        r=plan.value("lora_r"),
-        lora_alpha=plan.value("lora_alpha"),
-        lora_dropout=plan.value("lora_dropout"),
-        use_dora=method == "dora",
-        bias="none",
-        task_type="CAUSAL_LM",
-        **lora_kwargs,
-    )
-    import warnings
+    from llm_installer.train.lora_setup import build_peft_model
 
-    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(model, config)
+    model = build_peft_model(
+        model,
+        r=plan.value("lora_r"),
+        alpha=plan.value("lora_alpha"),
+        dropout=plan.value("lora_dropout"),
+        method=method,
+        target_kwargs=lora_target_kwargs(model, plan, handler),
+    )
     if plan.value("fused_lora"):
         from llm_installer.train.lora_fast import fuse_lora_layers
 

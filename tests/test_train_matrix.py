@@ -68,6 +68,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 VISION = {"llava", "gemma3"}
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"}
+SHARED_EXPERTS = {"qwen2_moe", "deepseek_v2", "deepseek_v3"}  # dense MLPs beside the routed experts
 
 QUESTIONS = [
     ("What is the capital of France?", "The capital of France is Paris, a city on the Seine."),
@@ -313,6 +314,8 @@ def test_matrix(name, installed, tmp_path, monkeypatch):
                 failures.append(f"{cell}: MoE experts not trained")
             if not any(n.endswith("gate.weight") or ".gate.modules_to_save" in n for n in names):
                 failures.append(f"{cell}: MoE router not trained")
+            if name in SHARED_EXPERTS and not any("shared_expert" in n and "lora_A" in n for n in names):
+                failures.append(f"{cell}: the shared experts' MLP got no LoRA")
         if name in VISION:
             if any(t in n for n in names for t in ("vision_tower", "vision_model")):
                 failures.append(f"{cell}: the vision tower trains")
@@ -329,15 +332,14 @@ def test_matrix(name, installed, tmp_path, monkeypatch):
             )
 
         # 4. the saved adapter reloads to the same logits (in fp32 both)
-        from peft import PeftModel
-
         from llm_installer.loading import load_model
+        from llm_installer.train.lora_setup import load_adapter
 
         model.eval()
         ids = torch.tensor([[1, 504, 3458, 314, 260, 3575, 282, 4649, 47, 2]])
         trained = _logits(model, ids)
         base = load_model(folder.model_dir, task=folder.load_info().task or "causal_lm", dtype="fp32")
-        reloaded = PeftModel.from_pretrained(base, str(out)).eval()
+        reloaded = load_adapter(base, out).eval()
         diff = float((trained - _logits(reloaded, ids)).abs().max())
         if diff > 1e-4:
             failures.append(f"{cell}: reloaded adapter logits differ by {diff:.2e}")

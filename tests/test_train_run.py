@@ -78,18 +78,28 @@ class _SigtermAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tiny_installed, tmp_path):
+@pytest.mark.parametrize(
+    ("mode", "validation", "cut_at"),
+    [("fast", "0", 4), ("medium", "0.2", 3), ("medium", "0.2", 8)],
+    ids=["fast-no-dropout", "medium-dropout-eval-epoch1", "medium-dropout-eval-epoch2"],
+)
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_installed, tmp_path, mode, validation, cut_at):
+    """Mid-epoch too, with LoRA dropout drawing from the random stream and evaluations between epochs
+    (11 training examples at batch 2: 6 steps an epoch; the cut falls inside epoch 1 or epoch 2)."""
     argv = [
         "--data",
         "test_data.json",
         "--mode",
-        "fast",
+        mode,
         "--epochs",
         "2",
         "--batch-size",
         "2",
         "--validation-split",
-        "0",
+        validation,
+        "--force-epochs",
+        "--precision",
+        "fp32",
         "--no-tensorboard",
         "--seed",
         "3",
@@ -100,7 +110,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_installed, tmp_path)
 
     full = run_training(plan("--output", str(tmp_path / "full")), show_progress=False)
     cut = run_training(
-        plan("--output", str(tmp_path / "cut")), show_progress=False, extra_callbacks=[_SigtermAt(4)]
+        plan("--output", str(tmp_path / "cut")), show_progress=False, extra_callbacks=[_SigtermAt(cut_at)]
     )
     assert cut.interrupted and cut.stop_reason.startswith("interrupted (SIGTERM)")
     assert (tmp_path / "cut" / "adapter_model.safetensors").is_file()  # the adapter is saved on interrupt

@@ -30,8 +30,10 @@ the first adapter when it resumes a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +58,32 @@ def _with(config: Any, **changes: Any) -> Any:
     return out
 
 
+@contextlib.contextmanager
+def _v5_native_targets() -> Iterator[None]:
+    """Keep PEFT from rewriting our targets as if they were transformers-4 names.
+
+    For MoE architectures whose layout changed in transformers 5 (mixtral, qwen2_moe and the families
+    transformers maps onto them, such as deepseek), PEFT rewrites a LoRA config before injecting it so that
+    adapters trained under v4 still load: any target named `gate_proj`/`up_proj`/`down_proj` (or ending in
+    one) becomes the fused expert parameter. Our adapters are made under v5 with v5 names, so that rewrite
+    silently moved the dense MLP and shared-expert targets onto the experts: those layers got no LoRA."""
+    import peft.utils.transformers_weight_conversion as conversion
+
+    original = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
+
+
 def _get_peft_model(model: Any, config: Any, adapter_name: str, *, loading: bool = False) -> Any:
     """get_peft_model for training; for loading, the PeftModel class built as `PeftModel.from_pretrained`
     builds it (get_peft_model warns about adapter names such as the engine's "lora", which that does not)."""
     from peft import get_peft_model
 
-    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
+    with warnings.catch_warnings(), _v5_native_targets():
+        # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         if not loading:
             return get_peft_model(model, config, adapter_name=adapter_name)
@@ -162,7 +184,8 @@ def load_adapter(
     path = str(adapter_dir)
     config = PeftConfig.from_pretrained(path)
     if not isinstance(config, LoraConfig) or not _needs_split(config):
-        return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable)
+        with _v5_native_targets():
+            return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable)
     config.inference_mode = not is_trainable
     peft_model = _wrap(model, config, adapter_name, loading=True)
     result = peft_model.load_adapter(path, adapter_name, is_trainable=is_trainable)

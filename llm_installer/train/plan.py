@@ -397,6 +397,26 @@ def resolve_attention(r: _Resolver, hw: Any, info: Any, hparams: Mapping[str, An
     r.set("attn_implementation", impl, source, why)
 
 
+def resolve_expert_lora(r: _Resolver) -> None:
+    """State what fused MoE experts get: PEFT's expert wrapper takes no dropout and no DoRA, so they train
+    plain LoRA without dropout while the other layers keep the mode's settings (train.lora_setup)."""
+    from llm_installer.train.lora_setup import describe_expert_settings
+
+    targets = r.get("target_modules")
+    if not isinstance(targets, list):
+        return
+    experts = [t for t in targets if "experts." in t and not t.startswith("shared_expert")]
+    if not experts:
+        return
+    others = [t for t in targets if t not in experts]
+    why = describe_expert_settings(
+        {"target_parameters": experts, "target_modules": others},
+        dropout=r.get("lora_dropout"),
+        method=r.get("method"),
+    )
+    r.set("expert_lora", "dropout 0, plain LoRA", "handler", why or "")
+
+
 def build_plan(
     model_folder: Any,
     args: Any = None,
@@ -530,6 +550,7 @@ def build_plan(
     resolve_attention(r, hw, info, hparams)
     if r.get("method") != "lora":
         r.set("fused_lora", False, r.settings["method"]["source"], "DoRA/QLoRA layers run PEFT's own forward")
+    resolve_expert_lora(r)
     if r.settings["lora_r"]["source"] == "user" and r.settings["lora_alpha"]["source"] != "user":
         r.set("lora_alpha", None, "user", "2 x rank")
     if r.get("lora_alpha") is None:

@@ -192,7 +192,7 @@ class Engine:
         self._logits_to_keep = "logits_to_keep" in params
         # Base and adapter rows share one batch: PEFT runs the shared base matmuls once and the LoRA
         # matmuls only for the rows that use the adapter (its `adapter_names` mixed-batch forward).
-        self._mixed = bool(has_adapter and not merged and hasattr(model, "disable_adapter"))
+        self._mixed = bool(has_adapter and not merged and hasattr(model, "disable_adapter")) and _mixes(model)
         self._lora_layers: list[Any] = []
         if self._mixed:
             from peft.tuners.tuners_utils import BaseTunerLayer
@@ -736,6 +736,19 @@ def _adapter_info(lora_dir: Path | None) -> dict[str, Any] | None:
         return None
     keep = ("base_model", "handler", "method", "mode", "dataset", "metrics", "stop_reason", "created")
     return {k: data[k] for k in keep if k in data}
+
+
+def _mixes(model: Any) -> bool:
+    """Whether PEFT can run base and adapter rows in one batch (`adapter_names`) for this adapter: not with
+    DoRA layers nor with fused-expert wrappers (MoE), which refuse it; those batches take one kind of row."""
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    for module in model.modules():
+        if isinstance(module, ParamWrapper):
+            return False
+        if isinstance(module, LoraLayer) and any(getattr(module, "lora_magnitude_vector", {}) or {}):
+            return False
+    return True
 
 
 def chat_settings(info: Any, tokenizer: Any, model: Any = None) -> tuple[str | None, list[int]]:

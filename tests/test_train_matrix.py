@@ -353,12 +353,18 @@ def test_matrix(name, installed, tmp_path, monkeypatch):
             from llm_installer.serve.engine import ADAPTER_NAME, Engine, SamplingParams
 
             engine = Engine.load(folder.name, lora=out, dtype="fp32").start()
+            greedy4 = SamplingParams(max_tokens=4, temperature=0)
             try:
-                done = engine.generate(
-                    [1, 504, 3458], ADAPTER_NAME, SamplingParams(max_tokens=4, temperature=0)
-                )
+                # a base request in flight beside the adapter one: PEFT's mixed batches, or separate ones
+                base = engine.submit([1, 504, 3458], None, greedy4)
+                done = engine.generate([1, 504, 3458], ADAPTER_NAME, greedy4)
+                base_events = list(base)
             finally:
                 engine.stop()
+            if any(ev.error for ev in base_events) or not base_events[-1].finish_reason:
+                failures.append(
+                    f"{cell}: the base request beside the adapter one failed: {base_events[-1]!r}"
+                )
             greedy = reloaded.generate(
                 torch.tensor([[1, 504, 3458]]), max_new_tokens=4, do_sample=False, pad_token_id=0
             )[0, 3:]

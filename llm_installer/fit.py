@@ -92,8 +92,8 @@ def _plan_refusal(info: ModelInfo, hw: Any) -> str | None:
         params = get_handler(info).get_training_parameters() or {}
     except Exception:
         return None  # `train` reports a broken handler itself
-    if not forces_4bit(params):
-        return None
+    if not forces_4bit(params) or getattr(hw, "cuda", False):
+        return None  # on a GPU the memory verdict below already says QLoRA (and bitsandbytes)
     try:
         check_method("qlora", "handler", hw, info)
     except UserError as exc:

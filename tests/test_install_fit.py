@@ -49,7 +49,10 @@ def test_small_model_trains_on_a_laptop_cpu():
     )
     assert rows["LoRA training"].fits_ram and rows["LoRA training"].fits_gpu is None
     assert rows["QLoRA training"].fits_ram is False  # bitsandbytes 4-bit needs CUDA
-    assert report.verdict.startswith("fits: LoRA training on the CPU in fp32")
+    from llm_installer.precision import choose_precision
+
+    measured = choose_precision("auto", CPU_16, hidden=576, intermediate=None, rows=4 * 512).precision
+    assert report.verdict.startswith(f"fits: LoRA training on the CPU in {measured}")
     assert report.settings["device"] == "cpu" and report.settings["quantization"] == "none"
 
 
@@ -79,6 +82,16 @@ def test_8b_lora_on_80gb_and_70b_int4_inference_only():
         "inference only, at int4 on the GPU: training needs more memory than this machine has"
     )
     assert estimate(LARGE, GPU_24).verdict == "too large for this machine, even for inference"
+
+
+def test_a_model_its_handler_trains_4bit_cannot_train_on_a_cpu_however_much_memory():
+    """The seed's pattern 4 (models over 30B train 4-bit): `check` gives the plan's refusal, not "fits"."""
+    huge_cpu = Hardware(cpu_count=64, ram_gb=2048, ram_available_gb=2000)
+    report = estimate(_llm(40, 60, 6656), huge_cpu)
+    assert report.verdict.startswith("cannot train here: org/40b is a 40B-parameter model its handler trains 4-bit")
+    assert "--method lora" in report.verdict
+    # the plan refuses the same way, and takes QLoRA where a GPU has bitsandbytes
+    assert estimate(_llm(20, 48, 6144), huge_cpu).verdict.startswith("fits: LoRA training on the CPU")
 
 
 def test_diffusion_is_reported_not_trainable():

@@ -338,7 +338,7 @@ def _text_config(info: Any) -> dict[str, Any]:
 def model_shapes(info: Any) -> tuple[int, int | None]:
     """(hidden size, MLP width) from the model's config, for the precision probe (defaults when absent)."""
     cfg = _text_config(info)
-    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model") or 1024
+    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model") or info.hidden_size or 1024
     inter = cfg.get("intermediate_size") or cfg.get("moe_intermediate_size") or cfg.get("n_inner")
     return int(hidden), (int(inter) if inter else None)
 

@@ -288,6 +288,37 @@ def test_seed_moe_example_names_map_to_fused_experts(tiny_model_factory, capsys)
     assert "matched nothing" not in capsys.readouterr().err
 
 
+def test_moe_keys_act_expert_selection_routes_and_moe_training_switches_the_balancing_loss(
+    tiny_model_factory,
+):
+    """A handler's expert_selection sets how many experts each token is routed to during training, and
+    moe_training False leaves the router's balancing loss off: the keys change what the model computes."""
+    import torch
+
+    from llm_installer.handlers.moe import MixtralHandler
+
+    model, handler = _tiny_model("mixtral", tiny_model_factory)
+    ids = torch.randint(3, 1000, (1, 12))
+    with torch.no_grad():
+        top2 = model(input_ids=ids).logits
+
+    class TopOne(MixtralHandler):
+        def get_training_parameters(self):
+            params = super().get_training_parameters()
+            params["expert_selection"] = "top-1"
+            params["moe_training"] = False
+            return params
+
+    mine = TopOne(handler.model_info)
+    model = mine.prepare_model_for_training(model, {"gradient_checkpointing": False})
+    routers = [m for m in model.modules() if hasattr(m, "top_k") and isinstance(m.top_k, int)]
+    assert routers and all(m.top_k == 1 for m in routers) and model.config.num_experts_per_tok == 1
+    assert not model.config.output_router_logits  # moe_training False: no balancing loss
+    with torch.no_grad():
+        top1 = model(input_ids=ids).logits
+    assert not torch.allclose(top1, top2)  # routing to one expert computes something else
+
+
 def test_moe_prepare_applies_load_balancing(tiny_model_factory):
     import torch
 

@@ -46,6 +46,7 @@ def _load_engine(
     merge_adapter: bool = False,
     max_tokens: int = 512,
     max_batch: int = 16,
+    max_queue: int | None = None,
 ):
     from llm_installer.console import err_console
     from llm_installer.serve.engine import Engine
@@ -59,6 +60,7 @@ def _load_engine(
             merge_adapter=merge_adapter,
             default_max_tokens=max_tokens,
             max_batch=max_batch,
+            **({"max_queue": max_queue} if max_queue else {}),
         )
 
 
@@ -97,6 +99,10 @@ def start(
     max_batch: Annotated[
         int, typer.Option("--max-batch", min=1, help="Most requests decoded together.")
     ] = 16,
+    max_queue: Annotated[
+        int,
+        typer.Option("--max-queue", min=1, help="Requests that may wait for a batch slot; more get HTTP 429."),
+    ] = 64,
 ) -> None:
     """Serve the model over an OpenAI-compatible API with a web chat page at /.
 
@@ -115,6 +121,7 @@ def start(
         merge_adapter=merge_adapter,
         max_tokens=max_tokens,
         max_batch=max_batch,
+        max_queue=max_queue,
     )
     shown = f"[{host}]" if ":" in host else host
     console.print(

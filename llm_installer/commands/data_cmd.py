@@ -32,6 +32,12 @@ def inspect_cmd(
         int | None, typer.Option("--max-seq-length", help="Count records longer than this many tokens.")
     ] = None,
     show_rejects: Annotated[int, typer.Option("--show-rejects", help="How many rejects to list.")] = 10,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code", help="Allow --model's own tokenizer code to run (asked each time)."
+        ),
+    ] = False,
 ) -> None:
     """Detected format per file, record counts, rejects with reasons, token lengths and one rendered example.
 
@@ -40,10 +46,12 @@ def inspect_cmd(
     from rich.table import Table
     from rich.text import Text
 
+    from llm_installer import consent
     from llm_installer.console import console, warn
     from llm_installer.data.inspect import histogram, inspect_data
     from llm_installer.data.loaders import resolve_spec
 
+    consent.grant(trust_remote_code)
     for path in paths:  # fail fast on a wrong path, before the tokenizer takes seconds to load
         resolve_spec(path, [])
     tokenizer, handler = _tokenizer_and_handler(model)
@@ -116,19 +124,22 @@ def _tokenizer_and_handler(model: str | None):
 
     if model:
         from llm_installer import loading, store
+        from llm_installer.consent import allow_remote_code
 
         folder = store.find_model(model)
+        info = folder.load_info()
+        trust = allow_remote_code(info)
         handler = None
         try:
             from llm_installer.handlers.registry import get_handler
 
-            handler = get_handler(folder.load_info())
+            handler = get_handler(info)
         except ImportError:
             pass
-        processor = loading.load_processor(folder.model_dir)
+        processor = loading.load_processor(folder.model_dir, trust_remote_code=trust)
         if processor is not None and hasattr(processor, "image_processor"):
             return processor, handler
-        tok = loading.load_tokenizer(folder.model_dir)
+        tok = loading.load_tokenizer(folder.model_dir, trust_remote_code=trust)
         tok.name_or_path = model
         return tok, handler
     try:

@@ -273,9 +273,15 @@ class Engine:
         default_max_tokens: int = 512,
         max_batch: int = 16,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        trust_remote_code: bool | None = None,
     ) -> Engine:
-        """Load an installed model (name or folder) with its adapter (lora/ unless overridden)."""
+        """Load an installed model (name or folder) with its adapter (lora/ unless overridden).
+
+        `trust_remote_code`: the caller's consent to run the model's own code (None: this process's
+        --trust-remote-code); never taken from the folder (llm_installer/consent.py).
+        """
         from llm_installer import loading, store
+        from llm_installer.consent import allow_remote_code
 
         folder = store.find_model(name_or_path)
         info = folder.load_info()
@@ -297,12 +303,11 @@ class Engine:
             lora_dir = folder.lora_dir
         if merge_adapter and lora_dir is None:
             raise UserError("--merge-adapter needs an adapter: train one first or pass --lora PATH")
+        trust = allow_remote_code(info, granted=trust_remote_code)  # refuses before any code runs
         dtype = dtype or _default_dtype()
-        tokenizer = loading.load_tokenizer(folder.model_dir, trust_remote_code=info.trust_remote_code)
+        tokenizer = loading.load_tokenizer(folder.model_dir, trust_remote_code=trust)
         task = info.task if info.task in ("moe", "vision_language") else "causal_lm"
-        model = loading.load_model(
-            folder.model_dir, task=task, dtype=dtype, trust_remote_code=info.trust_remote_code
-        )
+        model = loading.load_model(folder.model_dir, task=task, dtype=dtype, trust_remote_code=trust)
         import torch
 
         if torch.cuda.is_available():

@@ -85,6 +85,19 @@ def inspect_cmd(
     if tokenizer is None:
         warn("no tokenizer available (pass --model NAME): token statistics skipped")
         return
+    if report.sampled < len(result.records):
+        console.print(
+            f"\ntoken statistics from {report.sampled} of {len(result.records)} records, spread over the data",
+            soft_wrap=True,
+        )
+    if report.cut:
+        from llm_installer.data.inspect import STAT_MAX_CHARS
+
+        console.print(
+            f"{report.cut} record(s) longer than {STAT_MAX_CHARS:,} characters: counted on their first "
+            f"{STAT_MAX_CHARS:,} (training truncates to --max-seq-length)",
+            soft_wrap=True,
+        )
     if report.lengths:
         lengths = sorted(report.lengths)
         n = len(lengths)
@@ -114,6 +127,8 @@ def inspect_cmd(
             previous = trained
         if plain and previous:
             text.append("»")
+        if report.example_more:
+            text.append(f" … ({report.example_more} more tokens)", style="dim")
         console.print(text, soft_wrap=True)
 
 

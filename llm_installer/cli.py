@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import click
@@ -52,7 +51,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     models_dir: Annotated[
-        Path | None,
+        str | None,  # a str, not a Path: Path("") would turn an empty value into "." silently
         typer.Option(
             "--models-dir",
             help="Models folder (else $LLM_INSTALLER_MODELS_DIR, else ./models of the checkout).",

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llm_installer.consent import allow_remote_code
 from llm_installer.errors import UserError
 from llm_installer.store import ModelFolder
 
@@ -77,8 +78,8 @@ def export_merged(
     info = folder.load_info()
     step = progress or (lambda _msg: None)
     step("loading the base model (float32, so the merge loses nothing)")
-    tokenizer = loading.load_tokenizer(folder.model_dir, trust_remote_code=info.trust_remote_code)
-    model = loading.load_model(folder.model_dir, dtype="fp32", trust_remote_code=info.trust_remote_code)
+    tokenizer = loading.load_tokenizer(folder.model_dir, trust_remote_code=allow_remote_code(info))
+    model = loading.load_model(folder.model_dir, dtype="fp32", trust_remote_code=allow_remote_code(info))
     step("merging the adapter")
     try:
         model = load_adapter(model, lora_dir, is_trainable=False)
@@ -229,7 +230,7 @@ def export_ollama(
     if modelfile.exists() and not force:
         raise UserError(f"{modelfile} already exists; choose another folder or pass --force")
     info = folder.load_info()
-    tokenizer = loading.load_tokenizer(folder.model_dir, trust_remote_code=info.trust_remote_code)
+    tokenizer = loading.load_tokenizer(folder.model_dir, trust_remote_code=allow_remote_code(info))
     template, stops = chat_settings(info, tokenizer)
     adapter = None if merged_dir is not None else _resolve_lora(folder, lora)
     text, note = modelfile_text(

@@ -10,22 +10,25 @@ A file lock keeps two installs of the same model from racing.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import signal
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from llm_installer import store
+from llm_installer import faults, store
 from llm_installer.console import err_console
 from llm_installer.errors import InvalidNameError, SourceError, UserError
 from llm_installer.model_info import ModelInfo
 from llm_installer.sources import bundled
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SOURCE_MARKER = ".source.json"  # in a partial folder: which source it was being built from
+_SOURCE_MARKER = store.SOURCE_MARKER  # in a partial folder: which source it was being built from
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ def resolve_ref(ref: str) -> ResolvedRef:
     if ref == bundled.BUNDLED_NAME:
         return ResolvedRef("bundled", ref, bundled.BUNDLED_UPSTREAM_ID, bundled.BUNDLED_NAME)
     path = Path(ref).expanduser()
+    if not store.path_exists(path):  # also False for a name too long to be a path: it is a name then
+        path = Path("/nonexistent-llm-installer-ref")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise SourceError(
@@ -77,16 +82,54 @@ def _say(message: str) -> None:
     err_console.print(message, soft_wrap=True, highlight=False)
 
 
-def _check_disk(needed_bytes: int, where: Path) -> None:
-    from llm_installer.hardware import disk_free_gb
+def _free_bytes(where: Path) -> int:
+    p = Path(where)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
 
-    free = disk_free_gb(where)
-    needed = needed_bytes / 1024**3
-    if needed > free * 0.98:
+
+def _check_disk(needed_bytes: int, where: Path) -> None:
+    free = _free_bytes(where)
+    if needed_bytes > free * 0.98:
         raise UserError(
-            f"not enough disk space in {where}: the model needs {needed:.1f} GiB, {free:.1f} GiB free; "
-            "free some space or pass --models-dir on a larger disk"
+            f"not enough disk space in {where}: the model needs {store.human_size(needed_bytes)}, "
+            f"{store.human_size(free)} free; free some space or pass --models-dir on a larger disk"
         )
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """An OSError ENOSPC/EDQUOT anywhere in the chain, or safetensors' Rust "StorageFull" error."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+def _downloaded_anything(partial: Path) -> bool:
+    """Whether a Hub partial folder holds any downloaded bytes (a finished file or huggingface_hub's
+    `.incomplete` part): only then is it worth keeping for a resume."""
+    model_dir = partial / store.MODEL_SUBDIR
+    if not model_dir.is_dir():
+        return False
+    for p in model_dir.rglob("*"):
+        try:
+            if (
+                p.is_file()
+                and p.stat().st_size > 0
+                and (p.suffix == ".incomplete" or ".cache" not in p.parts)
+            ):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _prepare_partial(partial: Path, marker: dict) -> None:
@@ -100,7 +143,7 @@ def _prepare_partial(partial: Path, marker: dict) -> None:
         if same and marker.get("kind") == "hub":
             _say(f"resuming the earlier install in {partial}")
             return
-        shutil.rmtree(partial)
+        shutil.rmtree(partial)  # `recover` ran first, so no lora/ or runs/ is in here
     (partial / store.MODEL_SUBDIR).mkdir(parents=True)
     marker_path.write_text(json.dumps(marker), encoding="utf-8")
 
@@ -130,6 +173,7 @@ def _fetch_hub(
         hub.download_file(src.ref, "config.json", sha, dest)
         _check_remote_code(read_json(dest / "config.json"), src.ref, trust_remote_code)
     _check_disk(sum(siblings[f] for f in sel.files), dest)
+    faults.point("install.fetching")
     skipped = len(sel.skipped)
     _say(
         f"downloading {len(sel.files)} files of {src.ref} at {revision or 'main'} ({sha[:10]})"
@@ -175,6 +219,7 @@ def _fetch(
             _check_remote_code(read_json(src.path / "config.json"), str(src.path), trust_remote_code)
         if not link:
             _check_disk(sum((src.path / f).stat().st_size for f in sel.files), dest)
+        faults.point("install.fetching")
         _say(f"{'linking' if link else 'copying'} {len(sel.files)} files from {src.path}")
         copy_files(src.path, sel.files, dest, link=link)
         return None
@@ -192,6 +237,7 @@ def _fetch(
         gguf_path, rev = src.path, None
         read_gguf_metadata(gguf_path)  # a clear error for a file that is not GGUF, before loading anything
     _check_disk(gguf_path.stat().st_size * 8, dest)  # dequantised to float32
+    faults.point("install.fetching")
     with err_console.status(f"dequantising {gguf_path.name} to safetensors (about 20 s for 135M parameters)"):
         try:
             convert_gguf(gguf_path, dest)
@@ -221,30 +267,69 @@ def _write_info(partial: Path, info: ModelInfo, src: ResolvedRef, revision: str 
     os.replace(tmp, partial / store.INFO_FILE)
 
 
+class _NoInterrupt:
+    """Hold Ctrl-C (SIGINT, SIGTERM) for the few renames of a swap; it takes effect right after them.
+
+    A kill -9 cannot be held, which is what `store.recover` is for; but Ctrl-C in the middle of a swap
+    need not leave anything to recover. Only the main thread can block signals for itself.
+    """
+
+    def __enter__(self) -> None:
+        self._blocked = threading.current_thread() is threading.main_thread() and hasattr(
+            signal, "pthread_sigmask"
+        )
+        if self._blocked:
+            self._old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    def __exit__(self, *exc: object) -> None:
+        if self._blocked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+
+
 def _move_into_place(partial: Path, target: Path, model_id: str) -> None:
     """Rename the finished partial folder to `target`; an old install is swapped out, then deleted.
 
-    A reinstall of the same model keeps its trained adapter (`lora/`) and `runs/`.
+    A reinstall of the same model keeps its trained adapter (`lora/`) and `runs/`. Each step is one
+    rename, in an order `store.recover` can finish from any point a kill stops it at:
+    lora/ and runs/ into the new folder, old install to `.replaced-F`, new folder to `F`, delete the old.
     """
-    if not target.exists():
+    with _NoInterrupt():
+        if not target.exists():
+            os.replace(partial, target)
+            return
+        old_folder = store.ModelFolder(target)
+        try:
+            same_model = old_folder.load_info().model_id == model_id
+        except UserError:
+            same_model = False
+        if same_model:
+            for sub in (store.LORA_SUBDIR, store.RUNS_SUBDIR):
+                if (target / sub).exists():
+                    os.replace(target / sub, partial / sub)
+        faults.point("swap.user-data-moved")
+        old = store.old_dir(target.name)
+        os.replace(target, old)
+        faults.point("swap.old-aside")
         os.replace(partial, target)
-        return
-    old_folder = store.ModelFolder(target)
-    try:
-        same_model = old_folder.load_info().model_id == model_id
-    except UserError:
-        same_model = False
-    if same_model:
-        for sub in (store.LORA_SUBDIR, store.RUNS_SUBDIR):
-            if (target / sub).exists():
-                shutil.move(str(target / sub), str(partial / sub))
-    old = target.parent / f".old-{target.name}-{os.getpid()}"
-    os.replace(target, old)
-    os.replace(partial, target)
+        faults.point("swap.new-in-place")
     shutil.rmtree(old, ignore_errors=True)
 
 
-def install_model(
+@dataclass(frozen=True)
+class InstallResult:
+    """What `install` did: the model folder, and whether anything was installed (False for --exist-ok
+    finding it already there)."""
+
+    folder: store.ModelFolder
+    installed: bool
+
+
+def install_model(ref: str, **kwargs) -> store.ModelFolder:
+    """Install `ref` and return its ModelFolder (`install` says also whether anything was installed)."""
+    return install(ref, **kwargs).folder
+
+
+def install(
     ref: str,
     *,
     name: str | None = None,
@@ -254,10 +339,8 @@ def install_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     exist_ok: bool = False,
-) -> store.ModelFolder:
-    """Install `ref` into the models folder and return its ModelFolder (see the module docstring)."""
-    from filelock import Timeout
-
+) -> InstallResult:
+    """Install `ref` into the models folder (see the module docstring)."""
     from llm_installer.detect import detect
 
     if force and exist_ok:
@@ -281,25 +364,27 @@ def install_model(
     lock = store.folder_lock(folder)
     try:
         lock.acquire(timeout=0.5)
-    except Timeout:
+    except store.LockBusy:
         raise UserError(
             f"another install of {folder} is running (lock {store.lock_path(folder)}); wait for it to finish"
         ) from None
     try:
+        faults.point("install.locked")
+        for note in store.recover(folder):
+            _say(note)
         if target.exists():
             existing = store.ModelFolder(target)
             if exist_ok and store.folder_status(existing) == "ready":
-                _say(f"{folder} is already installed in {target}")
-                return existing
+                return InstallResult(existing, installed=False)
             if not force and not exist_ok:
                 raise UserError(
                     f"{folder} is already installed in {target}; pass --force to reinstall it "
                     "(or --exist-ok to keep it)"
                 )
         partial = store.partial_dir(folder)
-        _prepare_partial(partial, {"kind": src.kind, "ref": src.ref, "revision": revision, "link": link})
         model_dir = partial / store.MODEL_SUBDIR
         try:
+            _prepare_partial(partial, {"kind": src.kind, "ref": src.ref, "revision": revision, "link": link})
             recorded_revision = _fetch(
                 src,
                 revision,
@@ -320,14 +405,24 @@ def install_model(
             (partial / _SOURCE_MARKER).unlink(missing_ok=True)
             shutil.rmtree(model_dir / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
         except BaseException as exc:
-            # Keep a Hub download cut by Ctrl-C or the network so the next run resumes it; else clean up.
-            resumable = isinstance(exc, KeyboardInterrupt) or getattr(exc, "resumable", False)
-            if not (src.kind == "hub" and resumable):
-                shutil.rmtree(partial, ignore_errors=True)
-            else:
+            # Keep a Hub download cut by Ctrl-C, the network or a full disk so the next run resumes it,
+            # but only if something was downloaded; anything else is cleaned up.
+            full = _is_disk_full(exc)
+            resumable = isinstance(exc, KeyboardInterrupt) or getattr(exc, "resumable", False) or full
+            keep = src.kind == "hub" and resumable and _downloaded_anything(partial)
+            if keep:
                 _say(f"the partial download is kept in {partial}; run the same command again to resume")
+            else:
+                shutil.rmtree(partial, ignore_errors=True)
+            if full:
+                raise UserError(
+                    f"the disk of {store.models_dir()} is full ({store.human_size(_free_bytes(partial))} free) "
+                    f"while installing {folder}; free some space or pass --models-dir on a larger disk"
+                    + (", then run the same command again to resume" if keep else "")
+                ) from None
             raise
+        faults.point("install.complete")
         _move_into_place(partial, target, info.model_id)
-        return store.ModelFolder(target)
+        return InstallResult(store.ModelFolder(target), installed=True)
     finally:
         lock.release()

@@ -16,13 +16,17 @@ checkout's `./llm-installer` script (it exports LLM_INSTALLER_CHECKOUT_MODELS_DI
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_installer.errors import InvalidNameError, ModelNotFoundError
+from llm_installer import faults
+from llm_installer.errors import InvalidNameError, ModelNotFoundError, UserError
 from llm_installer.model_info import ModelInfo
 
 INFO_FILE = "model_info.json"
@@ -30,6 +34,10 @@ MODEL_SUBDIR = "model"
 LORA_SUBDIR = "lora"
 RUNS_SUBDIR = "runs"
 PARTIAL_PREFIX = ".partial-"  # in-progress installs are built in <models_dir>/.partial-<folder>
+SOURCE_MARKER = ".source.json"  # in a partial folder while it is being built: which source it comes from
+OLD_PREFIX = ".replaced-"  # a reinstall's previous install, between the swap and its deletion
+REMOVING_PREFIX = ".deleting-"  # a removed model, between its rename and the end of its deletion
+MAX_NAME = 96  # longest path segment of a model name: far under any filesystem's 255-byte limit
 
 _models_dir_override: Path | None = None
 
@@ -37,10 +45,28 @@ _models_dir_override: Path | None = None
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
+def _checked_models_dir(value: str | os.PathLike[str], what: str) -> Path:
+    """`value` as an absolute models folder; a UserError naming `what` when it is empty or not a folder.
+
+    An empty value must not quietly mean "the current directory" (Path('') is '.'), and a file in its
+    place must not surface later as an unexpected FileExistsError from mkdir.
+    """
+    text = os.fspath(value)
+    if not str(text).strip():
+        raise UserError(f"{what} is empty; pass the models folder to use (or leave it out for the default)")
+    try:
+        path = Path(text).expanduser().resolve()
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{what} {text} is a file, not a folder; pass a folder to keep the models in")
+    except OSError as exc:
+        raise UserError(f"{what} {text}: {exc.strerror or exc}; pass another folder") from None
+    return path
+
+
 def set_models_dir(path: str | os.PathLike[str] | None) -> None:
     """Set the models folder for this process (the CLI's --models-dir)."""
     global _models_dir_override
-    _models_dir_override = Path(path).expanduser().resolve() if path else None
+    _models_dir_override = None if path is None else _checked_models_dir(path, "--models-dir")
 
 
 def models_dir() -> Path:
@@ -50,7 +76,7 @@ def models_dir() -> Path:
     for var in ("LLM_INSTALLER_MODELS_DIR", "LLM_INSTALLER_CHECKOUT_MODELS_DIR"):
         value = os.environ.get(var)
         if value:
-            return Path(value).expanduser().resolve()
+            return _checked_models_dir(value, var)
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(data_home) / "llm-installer" / "models"
 
@@ -62,6 +88,11 @@ def folder_name(model_ref: str) -> str:
     """
     ref = model_ref.strip()
     parts = ref.split("/")
+    if any(len(p) > MAX_NAME for p in parts):
+        raise InvalidNameError(
+            f"model name {ref[:40]}... is {len(ref)} characters long; each part of 'org/name' may have at most "
+            f"{MAX_NAME} (pass a shorter --name)"
+        )
     if not ref or len(parts) > 2 or not all(_SEGMENT.match(p) for p in parts) or ".." in ref:
         raise InvalidNameError(
             f"invalid model name {model_ref!r}: use 'org/name' or 'name' made of letters, digits, '.', '_' and '-'"
@@ -132,11 +163,11 @@ def find_model(name_or_path: str) -> ModelFolder:
     names are looked up in the models folder only, so they can never escape it.
     """
     ref = name_or_path.strip()
-    looks_like_path = ref.startswith((".", "/", "~")) or os.sep in ref and Path(ref).expanduser().exists()
+    looks_like_path = ref.startswith((".", "/", "~")) or os.sep in ref and path_exists(ref)
     if looks_like_path:
         root = Path(ref).expanduser().resolve()
         folder = ModelFolder(root)
-        if not folder.is_complete:
+        if not path_exists(root) or not folder.is_complete:
             raise ModelNotFoundError(f"{ref} is not an installed model folder (no {INFO_FILE} and model/)")
         return folder
     folder = folder_for(ref)
@@ -150,6 +181,20 @@ def find_model(name_or_path: str) -> ModelFolder:
             f"model {ref!r} is an incomplete install; run `llm-installer install {ref} --force` to redo it"
         )
     return folder
+
+
+def path_exists(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` exists; False (not an OSError) for names the filesystem cannot even look up.
+
+    `Path.exists` raises for a name over the filesystem's limit (ENAMETOOLONG): a 300-character model
+    name typed by a user is not a path and must get the name rule's message, not "unexpected OSError".
+    """
+    try:
+        return Path(path).expanduser().exists()
+    except OSError as exc:
+        if exc.errno in (errno.ENAMETOOLONG, errno.EACCES, errno.ELOOP, errno.ENOTDIR, errno.EINVAL):
+            return False
+        raise
 
 
 def installed_folders() -> list[ModelFolder]:
@@ -308,17 +353,233 @@ def partial_dir(folder: str) -> Path:
     return models_dir() / f"{PARTIAL_PREFIX}{folder}"
 
 
+def old_dir(folder: str) -> Path:
+    """Where a reinstall puts the previous install of `folder` between the swap and its deletion."""
+    return models_dir() / f"{OLD_PREFIX}{folder}"
+
+
 def lock_path(folder: str) -> Path:
     """The lock file that keeps two installs (or an install and a remove) of one model apart."""
     return models_dir() / f".{folder}.lock"
 
 
-def folder_lock(folder: str):
-    """A `filelock.FileLock` for one model folder; acquire with a timeout, raise UserError when busy."""
-    from filelock import FileLock
+class LockBusy(Exception):
+    """Another process holds the lock of this model folder."""
 
+
+class FolderLock:
+    """An exclusive lock on one model folder that removes its lock file when released.
+
+    `flock` on `<models>/.<folder>.lock`. Deleting a lock file is only safe while holding it and only if
+    every acquirer checks, after locking, that the file it locked is still the one at the path (else a
+    waiter could lock a deleted inode while a newcomer locks a fresh file): `acquire` does that check and
+    retries, so `release` can unlink the file and nothing is left behind. The kernel drops the lock of a
+    killed process; its file is then removed by the next install or remove of that model.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self, timeout: float | None = None) -> FolderLock:
+        """Take the lock; wait at most `timeout` seconds (None: as long as it takes), else LockBusy."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise LockBusy(str(self.path)) from None
+                time.sleep(0.05)
+                continue
+            try:
+                held, current = os.fstat(fd), os.stat(self.path)
+                same = (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return self
+            os.close(fd)  # the holder before us removed this file: lock the new one
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it), then let go."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def is_locked(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def folder_lock(folder: str) -> FolderLock:
+    """The lock of one model folder (see FolderLock); `acquire(timeout)` raises LockBusy when busy."""
     models_dir().mkdir(parents=True, exist_ok=True)
-    return FileLock(str(lock_path(folder)))
+    return FolderLock(lock_path(folder))
+
+
+def partial_is_complete(partial: Path) -> bool:
+    """A partial folder whose build finished (manifest written, source marker removed): ready to swap in."""
+    return (partial / INFO_FILE).is_file() and not (partial / SOURCE_MARKER).exists()
+
+
+def _model_id_of(root: Path) -> str | None:
+    try:
+        return ModelFolder(root).load_info().model_id
+    except (UserError, OSError, ValueError):
+        return None
+
+
+def _rescue_user_data(src: Path, target: Path) -> list[str]:
+    """Move lora/ and runs/ from `src` back into `target` where `target` has none (one rename each)."""
+    moved = []
+    for sub in (LORA_SUBDIR, RUNS_SUBDIR):
+        if (src / sub).exists() and not (target / sub).exists():
+            os.replace(src / sub, target / sub)
+            moved.append(sub)
+    return moved
+
+
+# Older versions named these `.old-F-<pid>` and `.removing-F-<pid>` (never cleaned up): the pid suffix
+# makes the folder name unambiguous, and the new prefixes above cannot be mistaken for them.
+_LEGACY_LEFTOVER = re.compile(r"^\.(old|removing)-(?P<folder>.+)-\d+$")
+
+
+def recover(folder: str) -> list[str]:
+    """Finish or undo what a killed install, reinstall or remove of `folder` left; call with its lock held.
+
+    The states a kill can leave (docs/robustness.md) and what is done with each:
+    * `.old-F` and `F`: the swap finished but the old copy was not deleted: rescue user data, delete it.
+    * `.old-F` and no `F`: killed between the two renames of the swap: the new build is complete (the
+      swap starts only then), so it is renamed into place; the old copy is deleted as above.
+    * `.partial-F` holding lora/ or runs/ while `F` exists: killed after moving them for the swap and
+      before it: they go back to `F` (the partial build is then rebuilt or resumed as usual).
+    * `.removing-F`: a remove was killed mid-delete: finish deleting it.
+    Returns one line per thing done (the callers print them).
+    """
+    base = models_dir()
+    target, partial, old = base / folder, partial_dir(folder), old_dir(folder)
+    notes: list[str] = []
+    if old.exists():
+        if not target.exists():
+            if partial_is_complete(partial):
+                os.replace(partial, target)
+                notes.append(f"finished the interrupted reinstall of {folder}")
+            else:
+                os.replace(old, target)
+                notes.append(f"restored {folder} from an interrupted reinstall")
+        if old.exists():
+            if _model_id_of(old) == _model_id_of(target):
+                _rescue_user_data(old, target)
+            shutil.rmtree(old)
+            notes.append(f"deleted the previous copy of {folder} left by an interrupted reinstall")
+    if partial.exists() and target.exists():
+        moved = _rescue_user_data(partial, target)
+        if moved:
+            notes.append(f"moved {' and '.join(f'{m}/' for m in moved)} back into {target}")
+    leftovers = [base / f"{REMOVING_PREFIX}{folder}"]
+    if base.is_dir():
+        leftovers += [
+            p
+            for p in base.iterdir()
+            if (m := _LEGACY_LEFTOVER.match(p.name)) and m.group("folder") == folder and p.is_dir()
+        ]
+    for p in leftovers:
+        if p.exists():
+            shutil.rmtree(p)
+            notes.append(f"deleted {p.name}, left by an interrupted install or remove")
+    return notes
+
+
+def recover_all() -> list[str]:
+    """`recover` every folder with leftovers whose lock is free right now (for `list`); busy ones wait."""
+    base = models_dir()
+    if not base.is_dir():
+        return []
+    names = set()
+    for p in base.iterdir():
+        if m := _LEGACY_LEFTOVER.match(p.name):
+            names.add(m.group("folder"))
+        for prefix in (OLD_PREFIX, REMOVING_PREFIX):
+            if p.name.startswith(prefix):
+                names.add(p.name[len(prefix) :])
+        if p.name.startswith(PARTIAL_PREFIX) and any(
+            (p / sub).exists() for sub in (LORA_SUBDIR, RUNS_SUBDIR)
+        ):
+            names.add(p.name[len(PARTIAL_PREFIX) :])  # user data moved for a swap that never happened
+    notes: list[str] = []
+    for name in sorted(names):
+        lock = folder_lock(name)
+        try:
+            lock.acquire(timeout=0)
+        except LockBusy:
+            continue
+        try:
+            notes += recover(name)
+        finally:
+            lock.release()
+    return notes
+
+
+def remove_model(folder: str) -> Path:
+    """Delete installed model `folder` (and any partial build of it) under its lock; returns what went.
+
+    The lock comes first, so a remove can never pull a partial folder from under a running install:
+    it answers "being installed" instead. The model leaves its place with one rename, so a kill during
+    the (long) deletion leaves only `.removing-F`, which the next install, remove or list deletes.
+    """
+    base = models_dir()
+    target, partial = base / folder, partial_dir(folder)
+    lock = folder_lock(folder)
+    try:
+        lock.acquire(timeout=0.5)
+    except LockBusy:
+        raise UserError(
+            f"{folder} is being installed right now (lock {lock.path}); wait for that to finish, then remove it"
+        ) from None
+    try:
+        faults.point("remove.locked")
+        recover(folder)
+        if target.exists():
+            trash = base / f"{REMOVING_PREFIX}{folder}"
+            os.replace(target, trash)
+            faults.point("remove.trashed")
+            shutil.rmtree(trash)
+            shutil.rmtree(partial, ignore_errors=True)
+            return target
+        if partial.exists():
+            shutil.rmtree(partial)
+            return partial
+        raise ModelNotFoundError(
+            f"model {folder!r} is not installed in {base}; run `llm-installer list` to see installed models"
+        )
+    finally:
+        lock.release()
+
+
+def human_size(n_bytes: float) -> str:
+    """Bytes for people: '812 KiB', '3.4 MiB', '1.25 GiB' (never '0.0 GiB' for a small model)."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n_bytes >= scale:
+            value = n_bytes / scale
+            return f"{value:.2f} {unit}" if value < 10 else f"{value:.1f} {unit}"
+    return f"{int(n_bytes)} bytes"
 
 
 # ---- wrappers --------------------------------------------------------------------------------------
@@ -331,7 +592,8 @@ here="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 py={python}
 [ -x "$py" ] || py="$(command -v python3)"
 export PYTHONPATH={package_parent}"${{PYTHONPATH:+:$PYTHONPATH}}"
-exec "$py" -m llm_installer {command} "$here" "$@"
+# -S -c (see ./llm-installer of the checkout): a Ctrl-C during start-up exits 130, never "Fatal Python error".
+exec "$py" -S -c $'import sys\\ntry:\\n    from llm_installer.__main__ import run\\nexcept KeyboardInterrupt:\\n    sys.exit(130)\\nrun()' {command} "$here" "$@"
 """
 
 

@@ -200,7 +200,7 @@ def test_wrappers_run_the_cli_for_their_folder(tiny_llama, tmp_path):
 
     folder = install_model(str(tiny_llama), name="w")
     text = (folder.root / "train.sh").read_text()
-    assert 'exec "$py" -m llm_installer train "$here" "$@"' in text and "\ncd " not in text
+    assert 'run()\' train "$here" "$@"' in text and "\ncd " not in text
     # Run from another directory with a clean PYTHONPATH: the wrapper finds the package itself.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run(

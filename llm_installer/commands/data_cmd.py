@@ -32,6 +32,12 @@ def inspect_cmd(
         int | None, typer.Option("--max-seq-length", help="Count records longer than this many tokens.")
     ] = None,
     show_rejects: Annotated[int, typer.Option("--show-rejects", help="How many rejects to list.")] = 10,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code", help="Allow --model's own tokenizer code to run (asked each time)."
+        ),
+    ] = False,
 ) -> None:
     """Detected format per file, record counts, rejects with reasons, token lengths and one rendered example.
 
@@ -40,10 +46,12 @@ def inspect_cmd(
     from rich.table import Table
     from rich.text import Text
 
+    from llm_installer import consent
     from llm_installer.console import console, warn
     from llm_installer.data.inspect import histogram, inspect_data
     from llm_installer.data.loaders import resolve_spec
 
+    consent.grant(trust_remote_code)
     for path in paths:  # fail fast on a wrong path, before the tokenizer takes seconds to load
         resolve_spec(path, [])
     tokenizer, handler = _tokenizer_and_handler(model)
@@ -77,6 +85,19 @@ def inspect_cmd(
     if tokenizer is None:
         warn("no tokenizer available (pass --model NAME): token statistics skipped")
         return
+    if report.sampled < len(result.records):
+        console.print(
+            f"\ntoken statistics from {report.sampled} of {len(result.records)} records, spread over the data",
+            soft_wrap=True,
+        )
+    if report.cut:
+        from llm_installer.data.inspect import STAT_MAX_CHARS
+
+        console.print(
+            f"{report.cut} record(s) longer than {STAT_MAX_CHARS:,} characters: counted on their first "
+            f"{STAT_MAX_CHARS:,} (training truncates to --max-seq-length)",
+            soft_wrap=True,
+        )
     if report.lengths:
         lengths = sorted(report.lengths)
         n = len(lengths)
@@ -106,6 +127,8 @@ def inspect_cmd(
             previous = trained
         if plain and previous:
             text.append("»")
+        if report.example_more:
+            text.append(f" … ({report.example_more} more tokens)", style="dim")
         console.print(text, soft_wrap=True)
 
 
@@ -116,19 +139,22 @@ def _tokenizer_and_handler(model: str | None):
 
     if model:
         from llm_installer import loading, store
+        from llm_installer.consent import allow_remote_code
 
         folder = store.find_model(model)
+        info = folder.load_info()
+        trust = allow_remote_code(info)
         handler = None
         try:
             from llm_installer.handlers.registry import get_handler
 
-            handler = get_handler(folder.load_info())
+            handler = get_handler(info)
         except ImportError:
             pass
-        processor = loading.load_processor(folder.model_dir)
+        processor = loading.load_processor(folder.model_dir, trust_remote_code=trust)
         if processor is not None and hasattr(processor, "image_processor"):
             return processor, handler
-        tok = loading.load_tokenizer(folder.model_dir)
+        tok = loading.load_tokenizer(folder.model_dir, trust_remote_code=trust)
         tok.name_or_path = model
         return tok, handler
     try:

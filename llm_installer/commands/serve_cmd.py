@@ -21,6 +21,13 @@ NoLora = Annotated[bool, typer.Option("--no-lora", help="Ignore the adapter in l
 LoraPath = Annotated[
     Path | None, typer.Option("--lora", help="Use this PEFT adapter folder instead of the model's lora/.")
 ]
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Allow a model that needs its own Python code to run it (asked each time, never remembered).",
+    ),
+]
 
 
 def _quiet() -> None:
@@ -46,6 +53,7 @@ def _load_engine(
     merge_adapter: bool = False,
     max_tokens: int = 512,
     max_batch: int = 16,
+    max_queue: int | None = None,
 ):
     from llm_installer.console import err_console
     from llm_installer.serve.engine import Engine
@@ -59,6 +67,7 @@ def _load_engine(
             merge_adapter=merge_adapter,
             default_max_tokens=max_tokens,
             max_batch=max_batch,
+            **({"max_queue": max_queue} if max_queue else {}),
         )
 
 
@@ -97,13 +106,23 @@ def start(
     max_batch: Annotated[
         int, typer.Option("--max-batch", min=1, help="Most requests decoded together.")
     ] = 16,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-queue", min=1, help="Requests that may wait for a batch slot; more get HTTP 429."
+        ),
+    ] = 64,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Serve the model over an OpenAI-compatible API with a web chat page at /.
 
     Example: llm-installer start smollm2-135m-instruct --port 8000   (then open http://127.0.0.1:8000/)
     """
+    from llm_installer import consent
     from llm_installer.console import console, warn
     from llm_installer.serve.app import bind_socket, serve
+
+    consent.grant(trust_remote_code)
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         warn(f"binding {host} without --api-key: anyone who can reach this port can use the model")
@@ -115,6 +134,7 @@ def start(
         merge_adapter=merge_adapter,
         max_tokens=max_tokens,
         max_batch=max_batch,
+        max_queue=max_queue,
     )
     shown = f"[{host}]" if ":" in host else host
     console.print(
@@ -142,14 +162,17 @@ def chat(
     ] = 0.7,
     top_p: Annotated[float, typer.Option("--top-p", min=0.01, max=1.0, help="Nucleus sampling.")] = 0.95,
     seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed for repeatable answers.")] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Chat with the model in the terminal (/reset, /system TEXT, /base, /lora, /exit).
 
     Example: llm-installer chat smollm2-135m-instruct --prompt "What is the capital of France?"
     """
+    from llm_installer import consent
     from llm_installer.serve.chat import ChatSession, run_interactive
     from llm_installer.serve.engine import SamplingParams
 
+    consent.grant(trust_remote_code)
     engine = _load_engine(model, lora=lora, no_lora=no_lora, max_tokens=max_tokens or 512, max_batch=1)
     engine.start()
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -183,17 +206,19 @@ def export(
     smoke: Annotated[
         bool, typer.Option("--smoke/--no-smoke", help="Generate from the export and check it stops.")
     ] = True,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Export for other runtimes: merged weights, an Ollama Modelfile, and the vLLM command.
 
     Example: llm-installer export smollm2-135m-instruct --merge ./merged --ollama ./ollama
     """
+    from llm_installer import consent, store
     from llm_installer import export as ex
-    from llm_installer import store
     from llm_installer.console import console, err_console
     from llm_installer.errors import CheckFailed
 
     _quiet()
+    consent.grant(trust_remote_code)
     folder = store.find_model(model)
     merged_dir = None
     smoke_target: tuple[Path, Path | None] | None = None

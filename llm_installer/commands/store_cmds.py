@@ -6,7 +6,6 @@ transformers or huggingface_hub. The work happens in install.py, detect.py, fit.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -70,6 +69,33 @@ def _info_table(info: Any, title: str | None = None) -> Table:
     return table
 
 
+def reinstall_command(folder: Any) -> str:
+    """The command that reinstalls `folder` from where it came from (its manifest's source), so a
+    `verify` failure names one that works: a folder or GGUF install is reinstalled from its path under
+    its own name, not from a Hub id that does not exist."""
+    import shlex
+
+    try:
+        manifest = folder.read_raw_info().get("manifest", {})
+    except (OSError, ValueError):
+        manifest = {}
+    source, ref = manifest.get("source"), manifest.get("ref")
+    if source in ("local", "gguf") and ref:
+        return f"llm-installer install {shlex.quote(str(ref))} --name {folder.name} --force"
+    if source in ("hub", "bundled") and ref:
+        from llm_installer import store
+
+        try:
+            default = store.folder_name(str(ref))
+        except Exception:
+            default = None
+        name = "" if default == folder.name else f" --name {folder.name}"
+        revision = manifest.get("revision") if source == "hub" else None
+        rev = f" --revision {revision}" if revision else ""
+        return f"llm-installer install {ref}{name}{rev} --force"
+    return f"llm-installer install {folder.name} --force"
+
+
 def _confirm(path: Path, yes: bool) -> bool:
     """Ask before deleting `path`; without a terminal to ask on, --yes is required."""
     from llm_installer.errors import UserError
@@ -113,9 +139,9 @@ def register(app: typer.Typer) -> None:
             typer.Option("--trust-remote-code", help="Allow a model that needs code from its repository."),
         ] = False,
     ) -> None:
-        from llm_installer.install import install_model
+        from llm_installer.install import install
 
-        folder = install_model(
+        result = install(
             model,
             name=name,
             revision=revision,
@@ -125,7 +151,14 @@ def register(app: typer.Typer) -> None:
             trust_remote_code=trust_remote_code,
             exist_ok=exist_ok,
         )
+        folder = result.folder
         info = folder.load_info()
+        if not result.installed:  # --exist-ok found it there: say so, do not claim an install
+            console.print(
+                f"already installed: {info.model_id} in {folder.root} (nothing done; --force reinstalls it)",
+                soft_wrap=True,
+            )
+            return
         console.print(
             f"[green]installed[/green] {info.model_id} -> {folder.root} "
             f"({info.family or '?'}, {_params(info.num_parameters)} parameters, {_gb(info.model_size_gb)})",
@@ -178,6 +211,8 @@ def register(app: typer.Typer) -> None:
     def list_cmd() -> None:
         from llm_installer import store
 
+        for note in store.recover_all():  # leftovers of killed installs and removes whose lock is free
+            console.print(f"[dim]{note}[/dim]", soft_wrap=True)
         folders = store.installed_folders()
         base = store.models_dir()
         partials = sorted(
@@ -306,7 +341,7 @@ def register(app: typer.Typer) -> None:
         if not result.ok:
             raise CheckFailed(
                 f"{folder.name}: {len(result.missing)} missing and {len(result.changed)} changed of "
-                f"{result.checked} files; reinstall with `llm-installer install {folder.name} --force`"
+                f"{result.checked} files; reinstall with `{reinstall_command(folder)}`"
             )
         console.print(f"[green]ok[/green] {folder.name}: all {result.checked} files match the manifest")
 
@@ -318,8 +353,6 @@ def register(app: typer.Typer) -> None:
         name: Annotated[str, typer.Argument(help="Installed model name.")],
         yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     ) -> None:
-        import shutil
-
         from llm_installer import store
         from llm_installer.errors import ModelNotFoundError, UserError
 
@@ -327,40 +360,21 @@ def register(app: typer.Typer) -> None:
         try:
             folder = store.find_model(name)
         except ModelNotFoundError:
-            # An incomplete install can still be removed by name.
+            # An incomplete install (or a partial build) can still be removed by name.
             folder = store.folder_for(name)
-            partial = store.partial_dir(folder.name)
-            if not folder.root.exists() and partial.is_dir():  # an interrupted install: drop its download
-                if not _confirm(partial, yes):
-                    return
-                shutil.rmtree(partial)
-                console.print(f"removed the partial install {partial}")
-                return
-            if not folder.root.exists():
+            if not folder.root.exists() and not store.partial_dir(folder.name).is_dir():
                 raise
-        root = folder.root.resolve()
+        root = folder.root.resolve() if folder.root.exists() else folder.root
         if root.parent != base:
             raise UserError(
                 f"{name} is not a folder of the models folder {base}; `remove` deletes only installed models"
             )
-        if not _confirm(root, yes):
+        shown = root if root.exists() else store.partial_dir(root.name)
+        if not _confirm(shown, yes):
             return
-        lock = store.folder_lock(root.name)
-        from filelock import Timeout
-
-        try:
-            lock.acquire(timeout=0.5)
-        except Timeout:
-            raise UserError(f"{root.name} is being installed right now; wait for that to finish") from None
-        try:
-            trash = base / f".removing-{root.name}-{os.getpid()}"
-            os.replace(root, trash)  # atomic: the model disappears at once, then the files go
-            shutil.rmtree(trash)
-            shutil.rmtree(store.partial_dir(root.name), ignore_errors=True)
-        finally:
-            lock.release()
-        Path(store.lock_path(root.name)).unlink(missing_ok=True)
-        console.print(f"removed {root}")
+        removed = store.remove_model(root.name)  # takes the install lock: never under a running install
+        what = "the partial install " if removed.name.startswith(store.PARTIAL_PREFIX) else ""
+        console.print(f"removed {what}{removed}")
 
     @app.command(
         "doctor",

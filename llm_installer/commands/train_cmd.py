@@ -140,10 +140,19 @@ def train(
             "--dry-run",
         ),
     ] = False,
+    trust_remote_code: Annotated[
+        bool,
+        _opt(
+            "Allow a model that needs its own Python code to run it (asked each time, never remembered).",
+            "--trust-remote-code",
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune an installed model with LoRA / QLoRA / DoRA, driven by its handler."""
+    from llm_installer import consent
     from llm_installer.store import find_model
 
+    consent.grant(trust_remote_code)  # this command's decision only; not part of the plan
     args = collect_args(locals())
     folder = find_model(name)
     if dry_run:

@@ -35,7 +35,12 @@ def candidates(raw: Any, prefer: Iterable[str] | None = None) -> list[str]:
         return []
     # records of one file share a handful of key sets: decide once per (keys present, prefer)
     present = frozenset(k for k, v in raw.items() if v is not None and isinstance(k, str))
-    return list(_candidates(present, frozenset(prefer or ())))
+    found = _candidates(present, frozenset(prefer or ()))
+    if not found:  # {"instruction": null, "output": null} is a bad alpaca record, not an unknown shape
+        named = frozenset(k for k in raw if isinstance(k, str))
+        if named != present:
+            found = _candidates(named, frozenset(prefer or ()))
+    return list(found)
 
 
 @lru_cache(maxsize=4096)

@@ -71,6 +71,8 @@ def get_text(raw: dict, keys: str | tuple[str, ...], *, required: bool = True) -
                 return None
             return value
     if required:
+        if any(key in raw for key in keys):  # there, but null: say so, not "missing"
+            raise RecordError(f"field '{next(k for k in keys if k in raw)}' is null; give it text")
         raise RecordError(f"missing field '{keys[0]}'")
     return None
 

@@ -15,7 +15,15 @@ from typing import Any
 from llm_installer.data.load import load_records
 from llm_installer.data.loaders import Source, resolve_spec
 from llm_installer.data.records import LoadResult, RecordError
-from llm_installer.data.render import IGNORE_INDEX, Renderer
+from llm_installer.data.render import IGNORE_INDEX, Rendered, Renderer
+
+# `data inspect` answers in seconds whatever the data: token statistics come from at most STAT_SAMPLE
+# records spread over the data, each cut to STAT_MAX_CHARS characters, and the example shows at most
+# EXAMPLE_TOKENS tokens. (Tokenising a 50 MB record took 6 minutes and 16 GB; a 100,000-record file
+# is described as well by 2,000 of them.)
+STAT_SAMPLE = 2000
+STAT_MAX_CHARS = 200_000
+EXAMPLE_TOKENS = 400
 
 
 @dataclass
@@ -28,6 +36,9 @@ class InspectReport:
     example_origin: str = ""
     over_limit: int = 0
     tokenizer_name: str = ""
+    sampled: int = 0  # records whose tokens were counted (all of them when no more than STAT_SAMPLE)
+    cut: int = 0  # of those, records longer than STAT_MAX_CHARS: counted on their first part only
+    example_more: int = 0  # tokens of the example not shown
 
 
 def histogram(values: list[int], bins: int = 8, width: int = 30) -> list[tuple[str, int, str]]:
@@ -123,13 +134,26 @@ def inspect_data(
         video_token=getattr(processor, "video_token", None) or special.get("video_token"),
     )
     report.tokenizer_name = getattr(text_tok, "name_or_path", "") or type(text_tok).__name__
+    from llm_installer.data.detect import sample_indices
+
     rendered, kept = [], []
-    for record in result.records:
+    for i in sample_indices(len(result.records), STAT_SAMPLE):
+        record = result.records[i]
         try:
-            rendered.append(renderer.render(record))
-            kept.append(record)
+            r = renderer.render(record)
         except RecordError as exc:
             report.render_rejects.append((record.origin, f"{record.format}: {exc}"))
+            continue
+        if len(r.text) > STAT_MAX_CHARS:
+            report.cut += 1
+            r = Rendered(
+                r.text[:STAT_MAX_CHARS],
+                [(a, min(b, STAT_MAX_CHARS)) for a, b in r.spans if a < STAT_MAX_CHARS],
+                raw=r.raw,
+            )
+        rendered.append(r)
+        kept.append(record)
+    report.sampled = len(rendered) + len(report.render_rejects)
     examples = renderer.encode(rendered)
     for ex in examples:
         report.lengths.append(len(ex["input_ids"]))
@@ -139,8 +163,7 @@ def inspect_data(
     if examples:
         ex = examples[0]
         report.example_origin = kept[0].origin
-        report.example = [
-            (text_tok.decode([t]), lab != IGNORE_INDEX)
-            for t, lab in zip(ex["input_ids"], ex["labels"], strict=True)
-        ]
+        pairs = list(zip(ex["input_ids"], ex["labels"], strict=True))
+        report.example_more = max(0, len(pairs) - EXAMPLE_TOKENS)
+        report.example = [(text_tok.decode([t]), lab != IGNORE_INDEX) for t, lab in pairs[:EXAMPLE_TOKENS]]
     return report

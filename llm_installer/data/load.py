@@ -17,6 +17,34 @@ from llm_installer.data.loaders import Source, read_source, resolve_spec
 from llm_installer.data.records import FileSummary, LoadResult, Record, RecordError, Reject
 from llm_installer.errors import DataError
 
+MAX_RECORD_DEPTH = 64  # a record is an object of text fields, lists of messages, a few image dicts
+
+
+def raw_problem(raw: Any) -> str | None:
+    """Why a parsed record cannot be used at all, before any format looks at it: nested deeper than
+    MAX_RECORD_DEPTH (later code walks records recursively), or text with a lone surrogate — valid as a
+    JSON escape ("\\ud800"), but not Unicode, and tokenizers fail on it. Iterative, so it cannot
+    recurse too deeply itself."""
+    stack: list[tuple[Any, int, str]] = [(raw, 0, "")]
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > MAX_RECORD_DEPTH:
+            return f"nested more than {MAX_RECORD_DEPTH} levels deep; records are objects of text fields"
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8", errors="surrogateescape")  # undecodable bytes: formats.check_text's
+            except UnicodeEncodeError as exc:
+                field = f"field '{where}'" if where else "the text"
+                return (
+                    f"{field} is not valid Unicode (a lone surrogate {value[exc.start]!a}); "
+                    "fix that text or re-save the file as UTF-8"
+                )
+        elif isinstance(value, dict):
+            stack.extend((v, depth + 1, f"{where}.{k}" if where else str(k)) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, depth + 1, f"{where}.{i}" if where else str(i)) for i, v in enumerate(value))
+    return None
+
 
 def _check_format(format: str | None) -> None:
     if format is not None and format not in FORMATS:
@@ -49,7 +77,10 @@ def load_records(
     files: list[FileSummary] = []
     prefer = list(prefer or [])
     for source in sources:
-        items = list(read_source(source))
+        items = [
+            (origin, raw, problem or (raw_problem(raw) if raw is not None else None))
+            for origin, raw, problem in read_source(source)
+        ]
         if not items:
             raise DataError(f"{source.label}: holds no records; put records in it or remove it from --data")
         summary = FileSummary(path=source.label, kind=source.kind)

@@ -10,11 +10,13 @@ Whole-file problems (empty, binary, truncated JSON, not UTF-8 JSON) raise a one-
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import io
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,8 @@ SUFFIXES = {
     ".parquet": "parquet",
     ".txt": "txt",
 }
+MAX_RECORD_BYTES = 8 << 20  # one JSONL/text line; longer ones are rejected unread (about 2M tokens)
+MAX_WHOLE_FILE_BYTES = 512 << 20  # a .json/.csv/.tsv file is parsed in one piece: larger ones are refused
 CONTAINER_KEYS = ("data", "records", "examples", "train", "rows", "items", "instances", "dataset")
 _GLOB_CHARS = set("*?[")
 
@@ -65,6 +69,25 @@ def _file_source(path: Path, where: str) -> Source:
     return Source(kind, path=path)
 
 
+def _refuse_special(path: Path, where: str) -> None:
+    """One-line errors for what is there but cannot be read as data: a FIFO or device (reading one would
+    block or never end), a link that loops or leads nowhere."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if path.is_symlink():
+            why = "loops" if exc.errno == 40 else "leads nowhere"
+            raise DataError(
+                f"{where}: is a symbolic link that {why}; fix the link or give the file itself"
+            ) from None
+        if exc.errno == 36:  # ENAMETOOLONG: not a path at all
+            raise DataError(f"{where[:60]}...: name too long to be a file; check --data") from None
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "not a regular file (a device or socket)"
+        raise DataError(f"{where}: is {kind}, not a data file; give a .jsonl/.json/.csv/.parquet/.txt file")
+
+
 def _dir_files(path: Path) -> list[Path]:
     return sorted(
         p
@@ -85,6 +108,7 @@ def resolve_spec(spec: str | os.PathLike, notes: list[str] | None = None) -> lis
     sources: list[Source] = []
     for part in parts:
         path = Path(part).expanduser()
+        _refuse_special(path, part)
         if path.is_dir():
             files = _dir_files(path)
             if not files:
@@ -129,29 +153,76 @@ def resolve_spec(spec: str | os.PathLike, notes: list[str] | None = None) -> lis
 # ---- raw bytes to text ------------------------------------------------------------------------------
 
 
-def _read_text(path: Path, *, whole: bool) -> str:
-    """Decode a data file: UTF-8 (BOM tolerated) or UTF-16 with a BOM; binary and empty files refused.
+# Byte-order marks, longest first: the UTF-32 LE mark begins with the UTF-16 LE one.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32 LE"),
+    (codecs.BOM_UTF32_BE, "utf-32-be", "UTF-32 BE"),
+    (codecs.BOM_UTF8, "utf-8", "UTF-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16 LE"),
+    (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16 BE"),
+)
 
-    `whole=True` (JSON) fails on undecodable bytes; line-based files keep them as surrogates so the
-    affected records alone are rejected.
-    """
+
+def _encoding(head: bytes, path: Path) -> tuple[str, int, str]:
+    """(codec, BOM length, name) from a file's first bytes; DataError for binary files and for UTF-16/32
+    without a byte-order mark (which cannot be told apart from binary with certainty)."""
+    for bom, codec, name in _BOMS:
+        if head.startswith(bom):
+            return codec, len(bom), name
+    sample = head[:4096]
+    if b"\x00" in sample:
+        even, odd = sample[0::2], sample[1::2]
+        nul_even, nul_odd = even.count(0) / max(1, len(even)), odd.count(0) / max(1, len(odd))
+        quads = [sample[i : i + 4] for i in range(0, len(sample) - 3, 4)]
+        if quads and sum(q[1:] == b"\x00\x00\x00" or q[:3] == b"\x00\x00\x00" for q in quads) > 0.9 * len(
+            quads
+        ):
+            raise DataError(f"{path}: looks like UTF-32 text without a byte-order mark; re-save it as UTF-8")
+        if max(nul_even, nul_odd) > 0.3 and min(nul_even, nul_odd) < 0.05:
+            raise DataError(f"{path}: looks like UTF-16 text without a byte-order mark; re-save it as UTF-8")
+        raise DataError(f"{path}: looks like a binary file (NUL bytes), not a text dataset; check the path")
+    return "utf-8", 0, "UTF-8"
+
+
+def _open_checked(path: Path):
     try:
-        data = path.read_bytes()
+        return open(path, "rb")  # noqa: SIM115 - the callers close it
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _read_text(path: Path, *, whole: bool) -> str:
+    """Decode a data file read in one piece: UTF-8, or UTF-8/16/32 with a byte-order mark.
+
+    Binary and empty files are refused, and so are files over MAX_WHOLE_FILE_BYTES (parsed in one piece,
+    they would take many times their size in memory). `whole=True` (JSON) fails on undecodable bytes;
+    line-based files keep them as surrogates so the affected records alone are rejected.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if size > MAX_WHOLE_FILE_BYTES:
+        raise DataError(
+            f"{path}: {size / 2**20:.0f} MiB is more than the {MAX_WHOLE_FILE_BYTES >> 20} MiB a {path.suffix} file "
+            "may have (it is read in one piece); split it, or convert it to JSON Lines (.jsonl), which is streamed"
+        )
+    with _open_checked(path) as fh:
+        try:
+            data = fh.read()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if not data.strip():
         raise DataError(f"{path}: empty file; put records in it or remove it from --data")
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+    codec, skip, name = _encoding(data[:8192], path)
+    data = data[skip:]
+    if codec != "utf-8":
         try:
-            return data.decode("utf-16")
+            return data.decode(codec)
         except UnicodeDecodeError:
             raise DataError(
-                f"{path}: has a UTF-16 byte-order mark but is not valid UTF-16; re-save it as UTF-8"
+                f"{path}: has a {name} byte-order mark but is not valid {name} text; re-save it as UTF-8"
             ) from None
-    if b"\x00" in data[:8192]:
-        raise DataError(f"{path}: looks like a binary file (NUL bytes), not a text dataset; check the path")
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
     if whole:
         try:
             return data.decode("utf-8")
@@ -161,6 +232,49 @@ def _read_text(path: Path, *, whole: bool) -> str:
                 f"{path}: not valid UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); re-save it as UTF-8"
             ) from None
     return data.decode("utf-8", errors="surrogateescape")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | None, int]]:
+    """(line number, text, bytes) of each non-blank line, streamed: a line over MAX_RECORD_BYTES is
+    skipped unread (text None), so one 50 MB line costs neither its size in memory nor a parse."""
+    with _open_checked(path) as fh:
+        head = fh.read(8192)
+        codec, skip, _ = _encoding(head, path)
+        if codec != "utf-8":  # UTF-16/32 with a BOM: rare, decoded in one piece
+            fh.close()
+            for n, line in enumerate(_read_text(path, whole=False).splitlines(), 1):
+                if line.strip():
+                    yield n, line, len(line)
+            return
+        fh.seek(skip)
+        n = 0
+        seen = False
+        while True:
+            raw = fh.readline(MAX_RECORD_BYTES + 1)
+            if not raw:
+                break
+            n += 1
+            size = len(raw)
+            if size > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
+                while chunk := fh.readline(1 << 20):  # skip the rest of this line
+                    size += len(chunk)
+                    if chunk.endswith(b"\n"):
+                        break
+                seen = True
+                yield n, None, size
+                continue
+            if raw.strip():
+                seen = True
+                yield n, raw.decode("utf-8", errors="surrogateescape").rstrip("\r\n"), size
+    if not seen:
+        raise DataError(f"{path}: empty file; put records in it or remove it from --data")
+
+
+def _too_long(size: int) -> str:
+    return (
+        f"record is {size / 2**20:.1f} MiB long, more than the {MAX_RECORD_BYTES >> 20} MiB a record may have; "
+        "split it or leave it out"
+    )
 
 
 def _records_of_json(value: Any, path: Path) -> list[Any]:
@@ -195,6 +309,11 @@ def read_json(path: Path) -> Iterator[Item]:
     text = _read_text(path, whole=True)
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise DataError(
+            f"{path}: JSON nested too deeply to read (about a thousand levels or more); records are objects of "
+            "text fields: flatten it"
+        ) from None
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and _first_line_is_object(text):  # JSON Lines saved as .json
             yield from _jsonl_lines(path, text)
@@ -212,14 +331,23 @@ def read_json(path: Path) -> Iterator[Item]:
 
 
 def _jsonl_lines(path: Path, text: str) -> Iterator[Item]:
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    lines = ((n, line, len(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip())
+    yield from _jsonl_items(path, lines)
+
+
+def _jsonl_items(path: Path, lines) -> Iterator[Item]:
+    for n, line, size in lines:
         origin = f"{path}:{n}"
+        if line is None:
+            yield origin, None, _too_long(size)
+            continue
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as exc:
             yield origin, line[:500], f"invalid JSON: {exc.msg} at column {exc.colno}"
+            continue
+        except RecursionError:
+            yield origin, None, "JSON nested too deeply to read (about a thousand levels or more); flatten it"
             continue
         except UnicodeEncodeError:
             yield origin, None, "not valid UTF-8 text (re-save the file as UTF-8)"
@@ -228,7 +356,7 @@ def _jsonl_lines(path: Path, text: str) -> Iterator[Item]:
 
 
 def read_jsonl(path: Path) -> Iterator[Item]:
-    yield from _jsonl_lines(path, _read_text(path, whole=False))
+    yield from _jsonl_items(path, _lines(path))
 
 
 def _cell(value: str) -> Any:
@@ -283,8 +411,10 @@ def read_parquet(path: Path) -> Iterator[Item]:
 
 
 def read_txt(path: Path) -> Iterator[Item]:
-    for n, line in enumerate(_read_text(path, whole=False).splitlines(), 1):
-        if line.strip():
+    for n, line, size in _lines(path):
+        if line is None:
+            yield f"{path}:{n}", None, _too_long(size)
+        else:
             yield f"{path}:{n}", line, None
 
 

@@ -3,7 +3,14 @@
 Request bodies are parsed by hand (json, then a strict pydantic model) rather than by FastAPI's
 parameter binding, so every bad input — broken JSON, a wrong type, an out-of-range value — comes back
 as OpenAI's error JSON ``{"error": {"message", "type", "param", "code"}}`` with status 400 (FastAPI's
-default would be a 422 in its own shape, which OpenAI clients do not understand).
+default would be a 422 in its own shape, which OpenAI clients do not understand). The same pydantic
+models are published as the request schemas of ``/openapi.json``.
+
+What is checked before a request joins the shared batch (docs/robustness.md): the body arrives within
+`body_timeout_s` and under `max_body_bytes`; it is JSON without NaN/Infinity, nested at most
+`MAX_JSON_DEPTH` levels, with no lone surrogate in any string; it fits the request model; its sampling
+settings pass `SamplingParams.check`; its prompt fits the context; and the queue has room (else 429).
+A 500 never carries exception text: the server log has it.
 
 Streaming answers are server-sent events in OpenAI's chunk format ending with ``data: [DONE]``. The
 engine's worker thread hands events to the event loop with ``call_soon_threadsafe``; when a client goes
@@ -18,6 +25,7 @@ import contextlib
 import functools
 import hmac
 import json
+import logging
 import socket
 import threading
 import time
@@ -31,9 +39,13 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llm_installer.serve.engine import Engine, EngineError, Event, SamplingParams
+from llm_installer.serve.engine import SEED_MAX, SEED_MIN, Engine, EngineError, Event, SamplingParams
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: far more than any prompt this context can hold
+DEFAULT_BODY_TIMEOUT_S = 30.0  # a body that takes longer to arrive is answered 408 and dropped
+MAX_JSON_DEPTH = 32  # OpenAI bodies nest 5 levels; deeper ones are refused before any work
 
 
 class APIError(Exception):
@@ -70,7 +82,7 @@ def error_response(
 
 # ----- request bodies (strict: "0.5" is not a number, as in OpenAI's API) -------------------------------------
 class _Base(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -79,7 +91,7 @@ class _Base(BaseModel):
     n: int | None = Field(default=None, ge=1)
     stream: bool | None = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logprobs: bool | int | None = None
@@ -109,9 +121,21 @@ class CompletionRequest(_Base):
     suffix: str | None = None
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict", "any"}
+
+
+def _is_type_tag(part: Any) -> bool:
+    """A part of a pydantic error location that names a union member ('str', 'list[str]',
+    'function-after[...]'), not a field: a field such as 'stream' must not be taken for one."""
+    if isinstance(part, int):
+        return False
+    text = str(part)
+    return text in _TYPE_TAGS or "[" in text or text.startswith(("function-", "lax-", "strict-", "json-"))
+
+
 def _validation_error(exc: ValidationError) -> APIError:
     err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-", "str", "list", "int"))]
+    loc = [str(p) for p in err.get("loc", ()) if not _is_type_tag(p)]
     param = ".".join(loc) or None
     if err.get("type") == "missing":
         return APIError(
@@ -127,20 +151,84 @@ def _validation_error(exc: ValidationError) -> APIError:
     )
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_json(value: Any) -> None:
+    """Refuse JSON that is nested deeper than MAX_JSON_DEPTH or holds a lone surrogate ("\\ud800"),
+    naming the parameter. Iterative, so a deep body cannot exhaust the stack here either; lone
+    surrogates are valid JSON escapes but not Unicode, and the tokenizer fails on them."""
+    stack: list[tuple[Any, int, str]] = [(value, 0, "")]
+    while stack:
+        v, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(
+                400,
+                f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep (at '{path}').",
+                param=path.split(".")[0] or None,
+                code="invalid_json",
+            )
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise APIError(
+                    400,
+                    f"Invalid value for '{path or 'body'}': the text holds a lone surrogate "
+                    f"({v[exc.start]!a}), which is not valid Unicode; send UTF-8 text.",
+                    param=path or None,
+                    code="invalid_value",
+                ) from None
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack.append((k, depth + 1, path))
+                stack.append((x, depth + 1, f"{path}.{k}" if path else str(k)))
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1, f"{path}.{i}" if path else str(i)) for i, x in enumerate(v))
+
+
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
     raw = await request.body()
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(
             400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json"
         ) from None
+    except ValueError as exc:  # NaN / Infinity
+        raise APIError(
+            400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json"
+        ) from None
+    except RecursionError:
+        raise APIError(
+            400, f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json"
+        ) from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    _check_json(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    except RecursionError:  # pragma: no cover - _check_json bounds the depth first
+        raise APIError(400, "The JSON body is nested too deeply.", code="invalid_json") from None
+
+
+def _body_schemas(*models: type[BaseModel]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """({model name: JSON schema}, shared definitions) for /openapi.json, from the request models."""
+    schemas: dict[str, dict] = {}
+    defs: dict[str, dict] = {}
+    for m in models:
+        schema = m.model_json_schema(ref_template="#/components/schemas/{model}")
+        defs.update(schema.pop("$defs", {}))
+        schemas[m.__name__] = schema
+    return schemas, defs
+
+
+def _body_doc(name: str) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{name}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
 def _sampling(req: _Base, max_tokens: int | None) -> SamplingParams:
@@ -209,12 +297,16 @@ def _completion_body(
 class _Guard:
     """Pure ASGI middleware (so streaming and disconnects pass straight through).
 
-    401 on /v1/* without the right Bearer key; 413 for bodies over the limit, by Content-Length or by
-    counting a chunked body.
+    401 on /v1/* without the right Bearer key. A request body is read here, whole, before the app sees
+    it: 413 over `limit` bytes (by Content-Length or by counting a chunked body), 408 when it has not
+    all arrived within `body_timeout_s` (a client that sends a byte a minute would otherwise hold its
+    connection and a worker forever). The app then reads the buffered body.
     """
 
-    def __init__(self, app: Any, limit: int, api_key: str | None) -> None:
-        self.app, self.limit, self.api_key = app, limit, api_key
+    def __init__(
+        self, app: Any, limit: int, api_key: str | None, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    ):
+        self.app, self.limit, self.api_key, self.body_timeout_s = app, limit, api_key, body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -238,33 +330,72 @@ class _Guard:
         )
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await too_big(scope, receive, send)
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
+        chunks: list[bytes] = []
         seen = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.001, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                slow = error_response(
+                    408,
+                    f"The request body did not arrive within {self.body_timeout_s:g} s.",
+                    code="request_timeout",
+                )
+                slow.headers["Connection"] = "close"
+                return await slow(scope, receive, send)
+            if message["type"] == "http.disconnect":
+                return None
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > self.limit:
+                return await too_big(scope, receive, send)
+            chunks.append(body)
+            if not message.get("more_body"):
+                break
+        buffered: dict[str, Any] | None = {
+            "type": "http.request",
+            "body": b"".join(chunks),
+            "more_body": False,
+        }
 
-        async def counting_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
+        async def replay():
+            nonlocal buffered
+            if buffered is not None:
+                message, buffered = buffered, None
+                return message
+            return await receive()  # after the body: disconnect notices
 
-        try:
-            return await self.app(scope, counting_receive, send)
-        except _TooLarge:
-            return await too_big(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+        return await self.app(scope, replay, send)
 
 
 def create_app(
-    engine: Engine, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
+    engine: Engine,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The FastAPI app serving `engine`; `api_key` (if set) is required as a Bearer token on /v1/*."""
-    app = FastAPI(title="llm-installer", docs_url=None, redoc_url=None, openapi_url=None)
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.openapi.utils import get_openapi
+
+    app = FastAPI(title="llm-installer", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     static_dir = resources.files("llm_installer.serve") / "static"
+    body_schemas, body_defs = _body_schemas(ChatRequest, CompletionRequest)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document plus the request models that `_parse` validates by hand."""
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version="1", routes=app.routes)
+            doc.setdefault("components", {}).setdefault("schemas", {}).update({**body_defs, **body_schemas})
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
@@ -279,9 +410,25 @@ def create_app(
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return error_response(exc.status_code, str(exc.detail), code=code)
 
+    @app.exception_handler(RequestValidationError)
+    async def _request_invalid(_: Request, exc: RequestValidationError):
+        err = (exc.errors() or [{}])[0]
+        param = ".".join(str(p) for p in err.get("loc", ())[1:]) or None
+        return error_response(
+            400, f"Invalid value for '{param}': {err.get('msg')}.", param=param, code="invalid_value"
+        )
+
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+    async def _unexpected(request: Request, exc: Exception):
+        # The text of an exception can hold paths, prompts or library internals: it goes to the log only.
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(
+            500, "The server had an error while processing your request.", type="server_error"
+        )
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_: Request, exc: RecursionError):  # pragma: no cover - bodies are depth-checked
+        return error_response(400, "The request is nested too deeply.", code="invalid_json")
 
     # ----- pages and metadata ------------------------------------------------------------------------
     security_headers = {
@@ -336,10 +483,17 @@ def create_app(
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
+        if not model_id:  # `GET /v1/models/`: no model named; "" must not resolve to the default
+            raise APIError(404, "The model '' does not exist.", param="model", code="model_not_found")
         engine.resolve(model_id)
         return _model_card(model_id)
 
     # ----- generation --------------------------------------------------------------------------------
+    def _failed(ev: Event) -> str:
+        """What a client is told when its row failed in the worker: never the exception text."""
+        log.error("request failed in the generation worker: %s", ev.error)
+        return "The server had an error while generating this answer; other requests are not affected."
+
     def _submit(
         prompt_ids: list[int], adapter: str | None, params: SamplingParams
     ) -> tuple[Any, asyncio.Queue]:
@@ -365,7 +519,7 @@ def create_app(
                 parts.append(ev.text)
                 if ev.finish_reason:
                     if ev.error:
-                        raise APIError(500, f"generation failed: {ev.error}", type="server_error")
+                        raise APIError(500, _failed(ev), type="server_error")
                     return "".join(parts), ev
         finally:
             if not handle.done.is_set():
@@ -391,7 +545,7 @@ def create_app(
                     yield _sse(
                         {
                             "error": {
-                                "message": f"generation failed: {ev.error}",
+                                "message": _failed(ev),
                                 "type": "server_error",
                                 "param": None,
                                 "code": None,
@@ -430,7 +584,7 @@ def create_app(
         text, ev = await _collect(request, handle, events)
         return _completion_body(chat, cid, created, name, text, ev.finish_reason, usage=_usage(ev))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_doc("ChatRequest"))
     async def chat_completions(request: Request):
         req: ChatRequest = await _parse(request, ChatRequest)
         if req.tools:
@@ -458,7 +612,7 @@ def create_app(
         engine.check_prompt(prompt_ids, params, param="messages")
         return await _answer(request, req, prompt_ids, adapter, params, name, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_doc("CompletionRequest"))
     async def completions(request: Request):
         req: CompletionRequest = await _parse(request, CompletionRequest)
         if req.echo or (req.best_of or 1) > 1 or req.suffix:
@@ -489,7 +643,7 @@ def create_app(
         engine.check_prompt(prompt_ids, params, param="prompt")
         return await _answer(request, req, prompt_ids, adapter, params, name, chat=False)
 
-    app.add_middleware(_Guard, limit=max_body_bytes, api_key=api_key)
+    app.add_middleware(_Guard, limit=max_body_bytes, api_key=api_key, body_timeout_s=body_timeout_s)
     return app
 
 
@@ -532,7 +686,12 @@ def serve(
 
 @contextlib.contextmanager
 def background_server(
-    engine: Engine, *, api_key: str | None = None, max_body_bytes: int | None = None, host: str = "127.0.0.1"
+    engine: Engine,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int | None = None,
+    host: str = "127.0.0.1",
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> Iterator[str]:
     """Run the server in a thread on a free port (tests, benchmarks, notebooks); yields its base URL.
 
@@ -541,7 +700,12 @@ def background_server(
     import uvicorn
 
     engine.start()
-    app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY)
+    app = create_app(
+        engine,
+        api_key=api_key,
+        max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY,
+        body_timeout_s=body_timeout_s,
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -63,6 +64,55 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False  # for benchmarks: generate exactly max_tokens
+
+    def check(self) -> None:
+        """Refuse what the sampler cannot honour, before the request joins a batch (EngineError 400).
+
+        One rule for every entry (HTTP API, terminal chat, Python callers): a request that passes this
+        can only fail in the worker through a bug, and even then it ends its own row, never the batch.
+        The ranges are OpenAI's; `seed` must fit the 64-bit generator (torch refuses larger ones).
+        """
+        for name, lo, hi, open_lo in (
+            ("temperature", 0.0, 2.0, False),
+            ("top_p", 0.0, 1.0, True),
+            ("presence_penalty", -2.0, 2.0, False),
+            ("frequency_penalty", -2.0, 2.0, False),
+        ):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < lo or value > hi or (open_lo and value <= lo):
+                bound = f"greater than {lo:g}" if open_lo else f"at least {lo:g}"
+                raise EngineError(
+                    f"Invalid value for '{name}': expected a number {bound} and at most {hi:g}, got {value!r}.",
+                    param=name,
+                    code="invalid_value",
+                )
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1
+        ):
+            raise EngineError(
+                f"Invalid value for 'max_tokens': expected an integer of at least 1, got {self.max_tokens!r}.",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        if self.seed is not None and (
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or not SEED_MIN <= self.seed <= SEED_MAX
+        ):
+            raise EngineError(
+                f"Invalid value for 'seed': expected a 64-bit integer ({SEED_MIN} to {SEED_MAX}), got {self.seed!r}.",
+                param="seed",
+                code="invalid_value",
+            )
+        if not all(isinstance(s, str) for s in self.stop):
+            raise EngineError(
+                "Invalid value for 'stop': expected strings.", param="stop", code="invalid_value"
+            )
+
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+DEFAULT_MAX_QUEUE = 64  # requests waiting for a batch slot before new ones are answered 429
 
 
 @dataclass
@@ -169,6 +219,7 @@ class Engine:
         max_batch: int = 16,
         batch_window_s: float = 0.005,
         info: dict[str, Any] | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
         import torch
 
@@ -183,6 +234,7 @@ class Engine:
         self.context_length = int(context_length or 2048)
         self.default_max_tokens = default_max_tokens
         self.max_batch = max(1, max_batch)
+        self.max_queue = max(1, max_queue)
         self.batch_window_s = batch_window_s
         self.info = info or {}
         self.device = next(model.parameters()).device
@@ -220,9 +272,16 @@ class Engine:
         dtype: str | None = None,
         default_max_tokens: int = 512,
         max_batch: int = 16,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        trust_remote_code: bool | None = None,
     ) -> Engine:
-        """Load an installed model (name or folder) with its adapter (lora/ unless overridden)."""
+        """Load an installed model (name or folder) with its adapter (lora/ unless overridden).
+
+        `trust_remote_code`: the caller's consent to run the model's own code (None: this process's
+        --trust-remote-code); never taken from the folder (llm_installer/consent.py).
+        """
         from llm_installer import loading, store
+        from llm_installer.consent import allow_remote_code
 
         folder = store.find_model(name_or_path)
         info = folder.load_info()
@@ -244,12 +303,11 @@ class Engine:
             lora_dir = folder.lora_dir
         if merge_adapter and lora_dir is None:
             raise UserError("--merge-adapter needs an adapter: train one first or pass --lora PATH")
+        trust = allow_remote_code(info, granted=trust_remote_code)  # refuses before any code runs
         dtype = dtype or _default_dtype()
-        tokenizer = loading.load_tokenizer(folder.model_dir, trust_remote_code=info.trust_remote_code)
+        tokenizer = loading.load_tokenizer(folder.model_dir, trust_remote_code=trust)
         task = info.task if info.task in ("moe", "vision_language") else "causal_lm"
-        model = loading.load_model(
-            folder.model_dir, task=task, dtype=dtype, trust_remote_code=info.trust_remote_code
-        )
+        model = loading.load_model(folder.model_dir, task=task, dtype=dtype, trust_remote_code=trust)
         import torch
 
         if torch.cuda.is_available():
@@ -276,6 +334,7 @@ class Engine:
             context_length=_context_length(info, model),
             default_max_tokens=default_max_tokens,
             max_batch=max_batch,
+            max_queue=max_queue,
             info={
                 "model_id": info.model_id,
                 "family": info.family or info.model_type,
@@ -393,11 +452,23 @@ class Engine:
         params: SamplingParams,
         sink: Callable[[Event], None] | None = None,
     ) -> Handle:
-        """Queue a request for the worker; returns at once."""
+        """Queue a request for the worker; returns at once.
+
+        Raises EngineError 400 for settings the sampler cannot honour (`SamplingParams.check`) and 429 when
+        `max_queue` requests already wait: a bounded queue answers "busy" at once instead of letting every
+        client wait longer and longer.
+        """
+        params.check()
         if self._thread is None:
             self.start()
         handle = Handle(list(prompt_ids), adapter, params, sink)
         with self._cond:
+            if len(self._pending) >= self.max_queue:
+                raise EngineError(
+                    f"The server is busy: {len(self._pending)} requests are already waiting; retry shortly.",
+                    status=429,
+                    code="rate_limit_exceeded",
+                )
             self._pending.append(handle)
             self._cond.notify_all()
         return handle
@@ -447,15 +518,15 @@ class Engine:
                 time.sleep(self.batch_window_s)  # let simultaneous arrivals join the first prefill
                 first += self._take(self._group(first[0]), self.max_batch - len(first), block=False)
             rows: list[_Row] = []
+            taken = list(first)  # every request this batch took, joiners included: each gets an answer
             try:
                 with torch.inference_mode():
-                    self._run_batch(first, rows)
-            except Exception as exc:  # a bug or OOM: fail the requests in flight, keep serving
+                    self._run_batch(first, rows, taken)
+            except (
+                Exception
+            ) as exc:  # a bug or OOM in a forward pass: fail the requests in flight, keep serving
                 log.exception("generation failed")
-                for r in rows:
-                    if r.finished is None:
-                        r.handle.emit(Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
-                for h in first:
+                for h in taken:
                     if not h.done.is_set():
                         h.emit(Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
 
@@ -526,7 +597,7 @@ class Engine:
         logits = self._forward(ids, mask, positions, cache, [h.adapter for h in handles])
         return rows, cache, mask, logits
 
-    def _run_batch(self, first: list[Handle], rows: list[_Row]) -> None:
+    def _run_batch(self, first: list[Handle], rows: list[_Row], taken: list[Handle] | None = None) -> None:
         """Prefill `first`, then decode step by step; finished rows leave, queued same-adapter requests join."""
         torch = self.torch
         adapter = self._group(first[0])
@@ -566,6 +637,8 @@ class Engine:
             joining = []
             if can_join and len(rows) < self.max_batch:
                 joining = self._take(adapter, self.max_batch - len(rows), block=False)
+                if taken is not None:
+                    taken.extend(joining)
 
     # ----- cache surgery for continuous batching -------------------------------------------------------
     @staticmethod
@@ -627,18 +700,30 @@ class Engine:
                     )
                 )
                 continue
-            token = self._sample(r, logits[i])
-            r.generated.append(token)
-            r.pending = token
-            reason = None
-            if token in r.stop_ids:
-                reason = "stop"
-                r.generated.pop()  # the end token is not part of the answer
-            elif len(r.generated) >= r.max_new:
-                reason = "length"
-            elif r.position + 1 >= self.context_length:
-                reason = "length"
-            self._emit_text(r, reason)
+            try:
+                token = self._sample(r, logits[i])
+                r.generated.append(token)
+                r.pending = token
+                reason = None
+                if token in r.stop_ids:
+                    reason = "stop"
+                    r.generated.pop()  # the end token is not part of the answer
+                elif len(r.generated) >= r.max_new:
+                    reason = "length"
+                elif r.position + 1 >= self.context_length:
+                    reason = "length"
+                self._emit_text(r, reason)
+            except Exception as exc:  # this row's own failure ends this row only, never the batch
+                log.exception("generation failed for request %s", r.handle.id)
+                r.finished = "error"
+                r.handle.emit(
+                    Event(
+                        finish_reason="error",
+                        error=f"{type(exc).__name__}: {exc}",
+                        prompt_tokens=len(r.handle.prompt_ids),
+                        completion_tokens=len(r.generated),
+                    )
+                )
 
     def _sample(self, r: _Row, logits) -> int:
         torch = self.torch
@@ -652,14 +737,19 @@ class Engine:
                 )
         if p.temperature <= 0:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
+        # In float64 and relative to the best logit, so that any temperature in (0, 2] is finite: dividing
+        # float32 logits by 1e-39 gave inf/inf = NaN and a crashed batch.
+        logits = (logits.double() - logits.max().double()) / p.temperature
         if p.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=True)
-            cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keep at least the top token
+            probs_sorted = torch.softmax(sorted_logits, dim=-1)
+            drop = probs_sorted.cumsum(-1) - probs_sorted >= p.top_p
+            drop[0] = False  # the top token always stays (a top_p of 1e-227 is 0 in float32: all dropped)
             sorted_logits[drop] = float("-inf")
             logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
         probs = torch.softmax(logits, dim=-1)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+            return int(torch.argmax(logits))  # nothing left to sample from: the most likely token
         if r.generator is None and p.seed is not None:
             r.generator = torch.Generator(device=logits.device).manual_seed(int(p.seed))
         return int(torch.multinomial(probs, 1, generator=r.generator))

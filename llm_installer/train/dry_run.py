@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llm_installer.consent import allow_remote_code
 from llm_installer.train.plan import TrainingPlan, estimate_memory
 
 
@@ -19,7 +20,7 @@ def meta_peft_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any) ->
     from llm_installer.train.lora_setup import build_peft_model
     from llm_installer.train.trainer import lora_target_kwargs
 
-    trust = bool(getattr(info, "trust_remote_code", False))
+    trust = allow_remote_code(info)
     config = AutoConfig.from_pretrained(str(folder.model_dir), trust_remote_code=trust)
     with torch.device("meta"):
         if getattr(info, "task", None) == "vision_language":

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm_installer.consent import allow_remote_code
 from llm_installer.errors import UserError
 from llm_installer.train.plan import TrainingPlan
 
@@ -331,7 +332,7 @@ def load_components(plan: TrainingPlan) -> tuple[Any, Any, Any]:
 def load_tokenizer_for(folder: Any, handler: Any, info: Any) -> Any:
     from llm_installer.loading import load_tokenizer
 
-    tok = load_tokenizer(folder.model_dir, trust_remote_code=bool(getattr(info, "trust_remote_code", False)))
+    tok = load_tokenizer(folder.model_dir, trust_remote_code=allow_remote_code(info))
     if hasattr(handler, "apply_tokenizer_config"):
         tok = handler.apply_tokenizer_config(tok) or tok
     if tok.pad_token_id is None:
@@ -346,9 +347,7 @@ def load_data_processor(folder: Any, info: Any, tokenizer: Any) -> Any:
         return None
     from llm_installer.loading import load_processor
 
-    processor = load_processor(
-        folder.model_dir, trust_remote_code=bool(getattr(info, "trust_remote_code", False))
-    )
+    processor = load_processor(folder.model_dir, trust_remote_code=allow_remote_code(info))
     if processor is None or not (
         hasattr(processor, "image_processor") or hasattr(processor, "video_processor")
     ):
@@ -474,7 +473,7 @@ def load_training_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any
         dtype=load_dtype,
         device_map={"": 0} if quant is not None else None,
         quantization_config=quant,
-        trust_remote_code=bool(getattr(info, "trust_remote_code", False)),
+        trust_remote_code=allow_remote_code(info),
         **attention_load_kwargs(plan.value("attn_implementation")),
     )
     model.config.use_cache = False

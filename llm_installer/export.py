@@ -46,10 +46,37 @@ def _resolve_lora(folder: ModelFolder, lora: str | Path | None) -> Path | None:
     return folder.lora_dir if folder.has_adapter else None
 
 
-def _prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
-        if not force:
-            raise UserError(f"{out} already exists and is not empty; choose another folder or pass --force")
+EXPORT_MARKER = "llm_installer_export.json"
+
+
+def _prepare_out(out: Path, force: bool, folder: ModelFolder | None = None) -> None:
+    """Refuse a destination whose contents the export would destroy.
+
+    The export replaces `out` whole, so `--force` may only replace a previous export (it holds
+    EXPORT_MARKER) or an empty folder; never the model's own folder, its weights, adapter or runs, nor a
+    folder holding them."""
+    if folder is not None:
+        root = folder.root.resolve()
+        if out == root or root.is_relative_to(out) or any(
+            out.is_relative_to(root / part) for part in ("model", "lora", "runs")
+        ):
+            raise UserError(
+                f"{out}: that is the model's own folder (or holds it); the export would replace it: give a new "
+                "folder"
+            )
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out} is a file; give a folder for the merged model")
+    if not any(out.iterdir()):
+        return
+    if not force:
+        raise UserError(f"{out} already exists and is not empty; choose another folder or pass --force")
+    if not (out / EXPORT_MARKER).is_file():
+        raise UserError(
+            f"{out} holds files that are not an earlier export; --force only replaces a folder an export "
+            "wrote: choose another folder"
+        )
 
 
 def export_merged(
@@ -74,7 +101,7 @@ def export_merged(
             f"model {folder.name} has no adapter in {folder.lora_dir}; train one first "
             "(`llm-installer train`) or pass --lora PATH (the base weights are already in model/)"
         )
-    _prepare_out(out, force)
+    _prepare_out(out, force, folder)
     info = folder.load_info()
     step = progress or (lambda _msg: None)
     step("loading the base model (float32, so the merge loses nothing)")
@@ -103,7 +130,7 @@ def export_merged(
             "adapter": str(lora_dir),
             "merged_by": "llm-installer export --merge",
         }
-        (tmp / "llm_installer_export.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (tmp / EXPORT_MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)

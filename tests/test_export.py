@@ -109,6 +109,15 @@ def test_refusals_are_one_line_errors(models, tmp_path, capsys, monkeypatch):
     code, _, err = _main(capsys, monkeypatch, models, "export", "tiny", "--merge", str(busy))
     assert code == 2 and "not empty" in err
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    # --force replaces only an earlier export: never a folder of the user's, nor the model's own folders
+    code, _, err = _main(capsys, monkeypatch, models, "export", "tiny", "--merge", str(busy), "--force")
+    assert code == 2 and "not an earlier export" in err and "Traceback" not in err
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    for own in (models / "tiny", models / "tiny" / "model", models / "tiny" / "lora", models):
+        code, _, err = _main(capsys, monkeypatch, models, "export", "tiny", "--merge", str(own), "--force")
+        assert code == 2 and "the model's own folder" in err, own
+    assert (models / "tiny" / "model" / "config.json").is_file()
+    assert (models / "tiny" / "lora" / "adapter_config.json").is_file()
 
 
 def test_smoke_test_catches_a_run_on_model(models, tmp_path, capsys, monkeypatch):

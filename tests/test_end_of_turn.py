@@ -274,3 +274,24 @@ def test_trained_fact_answers_and_stops_at_end_of_turn(case, variant_dir, tmp_pa
     stops = [line for line in lines if line.startswith("PARAMETER stop ")]
     assert stops[0] == f"PARAMETER stop {json.dumps(end_of_turn)}"
     assert any(line.startswith('TEMPLATE """') for line in lines)
+
+
+def test_an_adapter_keeps_the_format_it_was_trained_with(variant_dir, tmp_path):
+    """If today's handler chooses another template than the adapter's training did, serving follows the
+    adapter (what it learned to stop at), as long as that end token is still a single token."""
+    from llm_installer.chat_format import model_chat_format
+    from llm_installer.model_info import ModelInfo
+
+    tok = _tokenizer(variant_dir("gemma"))
+    info = ModelInfo(model_id="test/base-model", model_type="llama", source="local")
+    today = model_chat_format(info, tok)
+    assert today.end_of_turn == "<|im_end|>"  # the llama handler has no Gemma template
+    trained = _handler("gemma").resolve_chat_format(tok)
+    (tmp_path / "adapter_info.json").write_text(json.dumps({"chat_format": trained.to_dict()}))
+    served = model_chat_format(info, tok, tmp_path)
+    assert (served.template, served.end_of_turn, served.stop_token_ids[0]) == (
+        templates.GEMMA,
+        "<end_of_turn>",
+        4,
+    )
+    assert served.source.startswith("recorded by the adapter's training")

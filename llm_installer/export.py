@@ -5,7 +5,13 @@
   transformers folders runs the fine-tuned model without PEFT. Written to a temporary folder beside the
   target and renamed into place, so a failure leaves nothing half-written.
 * ``export_ollama``: a Modelfile whose TEMPLATE is the chat template translated to Ollama's Go template
-  (ChatML, Llama-3, Gemma and Phi-3 layouts are known), with the stop tokens as ``PARAMETER stop``.
+  (ChatML, Llama-3, Gemma, Phi-3 and our plain fallback layouts are known), with the model's end-of-turn
+  token as the first ``PARAMETER stop``.
+
+Every export takes the template and the end-of-turn token from the model's one ChatFormat
+(`llm_installer.chat_format.model_chat_format`): the ones training rendered the data with and `chat` /
+`start` stop at. The merged folder's generation_config.json lists the end-of-turn id first in
+``eos_token_id``, so plain transformers (and tools reading it) stop there too.
   FROM points at the merged folder when there is one, else at the base weights plus ``ADAPTER lora/``.
 * ``vllm_command``: vLLM serves the base with the LoRA adapter as a named module.
 * ``smoke_test``: load the exported folder with plain transformers, generate greedily and check that
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llm_installer.chat_format import ChatFormat
 from llm_installer.consent import allow_remote_code
 from llm_installer.errors import UserError
 from llm_installer.store import ModelFolder
@@ -46,6 +53,16 @@ def _resolve_lora(folder: ModelFolder, lora: str | Path | None) -> Path | None:
     return folder.lora_dir if folder.has_adapter else None
 
 
+def folder_chat_format(folder: ModelFolder, lora: str | Path | None = None) -> tuple[Any, ChatFormat]:
+    """(tokenizer, ChatFormat) of an installed model with its adapter: what `chat` would use."""
+    from llm_installer import loading
+    from llm_installer.chat_format import model_chat_format
+
+    info = folder.load_info()
+    tokenizer = loading.load_tokenizer(folder.model_dir, trust_remote_code=allow_remote_code(info))
+    return tokenizer, model_chat_format(info, tokenizer, _resolve_lora(folder, lora))
+
+
 EXPORT_MARKER = "llm_installer_export.json"
 
 
@@ -57,8 +74,10 @@ def _prepare_out(out: Path, force: bool, folder: ModelFolder | None = None) -> N
     folder holding them."""
     if folder is not None:
         root = folder.root.resolve()
-        if out == root or root.is_relative_to(out) or any(
-            out.is_relative_to(root / part) for part in ("model", "lora", "runs")
+        if (
+            out == root
+            or root.is_relative_to(out)
+            or any(out.is_relative_to(root / part) for part in ("model", "lora", "runs"))
         ):
             raise UserError(
                 f"{out}: that is the model's own folder (or holds it); the export would replace it: give a new "
@@ -91,7 +110,7 @@ def export_merged(
     import torch
 
     from llm_installer import loading
-    from llm_installer.serve.engine import chat_settings
+    from llm_installer.chat_format import model_chat_format
     from llm_installer.train.lora_setup import load_adapter
 
     out = Path(out).expanduser().resolve()
@@ -113,11 +132,12 @@ def export_merged(
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise UserError(f"adapter {lora_dir} does not fit model {folder.name}: {exc}") from None
     model = model.merge_and_unload()
-    template, stops = chat_settings(info, tokenizer, model)
-    if template:
-        tokenizer.chat_template = template
-    if stops:
-        model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    chat_format = model_chat_format(info, tokenizer, lora_dir)
+    tokenizer.chat_template = chat_format.template
+    stops = list(chat_format.stop_token_ids)  # the end-of-turn id first
+    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".partial-{out.name}-", dir=out.parent))
     try:
@@ -155,12 +175,19 @@ _OLLAMA_TEMPLATES: dict[str, str] = {
         "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n"
     ),
     "phi3": "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
+    # handlers/templates.PLAIN; <EOS> is replaced by the tokenizer's EOS, which ends its answers
+    "plain": (
+        '{{- range .Messages }}{{ if eq .Role "system" }}{{ .Content }}\n\n'
+        '{{ else if eq .Role "user" }}### User:\n{{ .Content }}\n\n'
+        "{{ else }}### Assistant:\n{{ .Content }}<EOS>\n\n{{ end }}{{ end }}### Assistant:\n"
+    ),
 }
 _TEMPLATE_STOPS = {
     "chatml": ["<|im_start|>", "<|im_end|>"],
     "llama3": ["<|start_header_id|>", "<|eot_id|>"],
     "gemma": ["<start_of_turn>", "<end_of_turn>"],
     "phi3": ["<|end|>", "<|user|>", "<|assistant|>"],
+    "plain": ["### User:"],
 }
 
 
@@ -176,6 +203,8 @@ def template_family(template: str | None) -> str | None:
         return "gemma"
     if "<|end|>" in template and "<|user|>" in template:
         return "phi3"
+    if "### Assistant:" in template and "eos_token" in template:
+        return "plain"
     return None
 
 
@@ -204,8 +233,13 @@ def modelfile_text(
     tokenizer: Any,
     stop_token_ids: list[int],
     model_name: str,
+    end_of_turn: str | None = None,
 ) -> tuple[str, str | None]:
-    """The Modelfile for Ollama and, when the template has no known translation, a note saying so."""
+    """The Modelfile for Ollama and, when the template has no known translation, a note saying so.
+
+    `end_of_turn` (the model's ChatFormat.end_of_turn) is the first stop; the other stop ids and the
+    layout's next-turn markers follow, so Ollama ends an answer exactly where training ended it.
+    """
     family = template_family(template)
     lines = [
         f"# Modelfile for {model_name}, written by llm-installer export --ollama",
@@ -217,17 +251,20 @@ def modelfile_text(
     note = None
     if family:
         go = _OLLAMA_TEMPLATES[family]
+        if family == "plain":
+            go = go.replace("<EOS>", end_of_turn or getattr(tokenizer, "eos_token", None) or "")
         lines.append(f'TEMPLATE """{go}"""')
         system = _default_system(tokenizer, template or "", family)
         if system:
             lines.append(f'SYSTEM """{system}"""')
     else:
         note = (
-            "the chat template has no known Ollama translation (known: ChatML, Llama-3, Gemma, Phi-3); "
+            "the chat template has no known Ollama translation (known: ChatML, Llama-3, Gemma, Phi-3, "
+            "plain); "
             "Ollama will use the template stored in the weights, or write TEMPLATE by hand"
         )
         lines.append(f"# NOTE: {note}")
-    stops: list[str] = []
+    stops: list[str] = [end_of_turn] if end_of_turn else []
     for tid in stop_token_ids:
         tok = tokenizer.convert_ids_to_tokens(int(tid))
         if tok and tok not in stops:
@@ -249,24 +286,20 @@ def export_ollama(
     force: bool = False,
 ) -> tuple[Path, str | None]:
     """Write OUT/Modelfile: FROM the merged folder if given, else the base weights + ADAPTER lora/."""
-    from llm_installer import loading
-    from llm_installer.serve.engine import chat_settings
-
     out = Path(out).expanduser().resolve()
     modelfile = out / "Modelfile"
     if modelfile.exists() and not force:
         raise UserError(f"{modelfile} already exists; choose another folder or pass --force")
-    info = folder.load_info()
-    tokenizer = loading.load_tokenizer(folder.model_dir, trust_remote_code=allow_remote_code(info))
-    template, stops = chat_settings(info, tokenizer)
+    tokenizer, chat_format = folder_chat_format(folder, lora)
     adapter = None if merged_dir is not None else _resolve_lora(folder, lora)
     text, note = modelfile_text(
         from_path=merged_dir or folder.model_dir.resolve(),
         adapter=adapter,
-        template=template,
+        template=chat_format.template,
         tokenizer=tokenizer,
-        stop_token_ids=stops,
+        stop_token_ids=list(chat_format.stop_token_ids),
         model_name=folder.name.lower(),
+        end_of_turn=chat_format.end_of_turn,
     )
     out.mkdir(parents=True, exist_ok=True)
     tmp = modelfile.with_name(".Modelfile.partial")
@@ -302,8 +335,13 @@ def smoke_test(
     prompt: str = "What is the capital of France? Answer in one sentence.",
     max_new_tokens: int = 48,
     adapter_dir: Path | None = None,
+    chat_format: ChatFormat | None = None,
 ) -> SmokeResult:
-    """Generate greedily from an exported folder with plain transformers; ok when it ends on an end token."""
+    """Generate greedily from an exported folder with plain transformers; ok when it ends on an end token.
+
+    A merged export carries its template and stop ids (generation_config.json); for base weights plus an
+    adapter (what an Ollama Modelfile without --merge points at) pass the model's `chat_format`.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -318,10 +356,14 @@ def smoke_test(
     if eos is None:
         eos = tokenizer.eos_token_id
     stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.chat_template:
+    template = tokenizer.chat_template
+    if chat_format is not None:
+        template, stop_ids = chat_format.template, list(chat_format.stop_token_ids)
+    if template:
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
+            [{"role": "user", "content": prompt}], chat_template=template, add_generation_prompt=True,
+            tokenize=False,
+        )  # fmt: skip
     else:
         text = prompt
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")

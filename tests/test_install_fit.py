@@ -88,7 +88,9 @@ def test_a_model_its_handler_trains_4bit_cannot_train_on_a_cpu_however_much_memo
     """The seed's pattern 4 (models over 30B train 4-bit): `check` gives the plan's refusal, not "fits"."""
     huge_cpu = Hardware(cpu_count=64, ram_gb=2048, ram_available_gb=2000)
     report = estimate(_llm(40, 60, 6656), huge_cpu)
-    assert report.verdict.startswith("cannot train here: org/40b is a 40B-parameter model its handler trains 4-bit")
+    assert report.verdict.startswith(
+        "cannot train here: org/40b is a 40B-parameter model its handler trains 4-bit"
+    )
     assert "--method lora" in report.verdict
     # the plan refuses the same way, and takes QLoRA where a GPU has bitsandbytes
     assert estimate(_llm(20, 48, 6144), huge_cpu).verdict.startswith("fits: LoRA training on the CPU")

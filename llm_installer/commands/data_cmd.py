@@ -106,6 +106,8 @@ def inspect_cmd(
             f"p95 {lengths[min(n - 1, int(n * 0.95))]}, max {lengths[-1]}, total {sum(lengths)}, "
             f"trained {sum(report.trained)}"
         )
+        if report.chat_format:
+            console.print(f"chat format: {report.chat_format}", soft_wrap=True, markup=False)
         if max_seq_length:
             console.print(f"longer than --max-seq-length {max_seq_length}: {report.over_limit} record(s)")
         for label, count, bar in histogram(report.lengths):

@@ -249,7 +249,9 @@ def export(
         return
     if smoke and smoke_target is not None:
         with err_console.status("smoke test: generating from the export ...", spinner="dots"):
-            result = ex.smoke_test(smoke_target[0], adapter_dir=smoke_target[1])
+            # base weights + adapter carry no template of their own: test with the model's chat format
+            fmt = ex.folder_chat_format(folder, lora)[1] if smoke_target[1] is not None else None
+            result = ex.smoke_test(smoke_target[0], adapter_dir=smoke_target[1], chat_format=fmt)
         if not result.ok:
             raise CheckFailed(
                 f"smoke test failed: the export {result.message}; answer was {result.answer[:80]!r}"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm_installer.chat_format import handler_chat_format
 from llm_installer.data.load import load_records
 from llm_installer.data.loaders import Source, resolve_spec
 from llm_installer.data.records import LoadResult, RecordError
@@ -39,6 +40,7 @@ class InspectReport:
     sampled: int = 0  # records whose tokens were counted (all of them when no more than STAT_SAMPLE)
     cut: int = 0  # of those, records longer than STAT_MAX_CHARS: counted on their first part only
     example_more: int = 0  # tokens of the example not shown
+    chat_format: str = ""  # the template and end-of-turn token training uses (ChatFormat.describe)
 
 
 def histogram(values: list[int], bins: int = 8, width: int = 30) -> list[tuple[str, int, str]]:
@@ -123,13 +125,13 @@ def inspect_data(
     from llm_installer.data.prepare import split_processor
 
     text_tok, processor = split_processor(tokenizer)
-    template = getattr(text_tok, "chat_template", None)
-    if not template and handler is not None and hasattr(handler, "get_chat_template"):
-        template = handler.get_chat_template(text_tok)
+    chat_format = handler_chat_format(handler, text_tok)  # what training will use
+    report.chat_format = chat_format.describe()
     special = dict(params.get("special_tokens") or {})
     renderer = Renderer(
         text_tok,
-        chat_template=template,
+        chat_template=chat_format.template,
+        end_of_turn=chat_format.end_of_turn,
         image_token=getattr(processor, "image_token", None) or special.get("image_token"),
         video_token=getattr(processor, "video_token", None) or special.get("video_token"),
     )

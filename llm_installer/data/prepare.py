@@ -23,6 +23,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from llm_installer.chat_format import handler_chat_format
 from llm_installer.data.load import load_records
 from llm_installer.data.loaders import resolve_spec, source_fingerprint
 from llm_installer.data.records import LoadResult, Record, RecordError, Reject
@@ -361,9 +362,9 @@ def _prepare(spec: str | os.PathLike, tokenizer: Any, handler: Any, settings: Da
     params = _handler_params(handler)
     if handler is not None and hasattr(handler, "apply_tokenizer_config"):
         handler.apply_tokenizer_config(text_tok)
-    template = getattr(text_tok, "chat_template", None)
-    if not template and handler is not None and hasattr(handler, "get_chat_template"):
-        template = handler.get_chat_template(text_tok)
+    # the model's one chat format: the template, and the end-of-turn token trained after each answer
+    chat_format = handler_chat_format(handler, text_tok)
+    template = chat_format.template
     supported = list(params.get("dataset_formats") or []) or None
     preprocessing = dict(params.get("dataset_preprocessing") or {})
     special = dict(params.get("special_tokens") or {})
@@ -384,6 +385,7 @@ def _prepare(spec: str | os.PathLike, tokenizer: Any, handler: Any, settings: Da
                 "v": CACHE_VERSION,
                 "sources": [source_fingerprint(s) for s in sources],
                 "tokenizer": tokenizer_fingerprint(text_tok, template),
+                "end_of_turn": chat_format.end_of_turn,
                 "handler": [getattr(handler, "name", None), supported, preprocessing, special],
                 "settings": settings_key,
                 "processor": processor is not None,
@@ -436,6 +438,7 @@ def _prepare(spec: str | os.PathLike, tokenizer: Any, handler: Any, settings: Da
     renderer = Renderer(
         text_tok,
         chat_template=template,
+        end_of_turn=chat_format.end_of_turn,
         system_prompt=settings.system_prompt,
         train_on_inputs=settings.train_on_inputs,
         image_token=image_token,

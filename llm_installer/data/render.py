@@ -3,9 +3,12 @@
 Masking does not rely on `{% generation %}` markers (SmolLM2's template and most others lack them).
 Instead each assistant message's *character span* in the rendered text is known, and after batch
 tokenization with offsets every token overlapping a trained span keeps its label; everything else gets
--100. A trained span is the answer's content plus the end-of-turn token that follows it (`<|im_end|>`,
-`<|eot_id|>`, `</s>` ...) so the model learns to stop; when the template closes the turn with no special
-token, the EOS token is appended after the last answer and trained.
+-100. A trained span is the answer's content plus the end-of-turn token that follows it, so the model
+learns to stop. That token is the model's one end-of-turn token (`ChatFormat.end_of_turn`, passed in by
+training; by default found the same way, from what the template writes after an answer: see
+llm_installer/chat_format.py) — `chat`, `start` and `export` stop at exactly that token. When the
+template closes the turn with no such token, the end-of-turn token (then the EOS) is appended after the
+last answer and trained.
 
 Speed: the template is rendered once per conversation *shape* (the sequence of roles) with sentinel
 strings in place of the contents; each record's text is then the literal pieces joined with its contents,
@@ -24,11 +27,6 @@ from typing import Any
 from llm_installer.data.records import Record, RecordError
 
 IGNORE_INDEX = -100
-# Special tokens that close a turn in common chat formats (ChatML, Llama 3, Gemma, Phi-3, Mistral ...).
-END_OF_TURN_TOKENS = frozenset(
-    {"<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "<|end_of_text|>",
-     "</s>", "<|END_OF_TURN_TOKEN|>", "<|return|>", "<|end_of_turn|>"}
-)  # fmt: skip
 _SENTINEL = "\ue000{}\ue001"
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 
@@ -58,7 +56,7 @@ class Rendered:
 class _Shape:
     pieces: list[str]  # literal text around the contents: len(messages) + 1 pieces
     eot: list[int]  # per message: length of the trained end-of-turn text after it (assistant only)
-    append_eos: bool  # the last answer is not closed by a special token: append EOS and train it
+    append_eos: bool  # the last answer is not closed by the end-of-turn token: append it and train it
     merge_system: bool = False
     strip: bool = False  # the template trims contents (`| trim`): join stripped contents
     verified: bool = False
@@ -78,7 +76,12 @@ class Renderer:
         train_on_inputs: bool = False,
         image_token: str | None = None,
         video_token: str | None = None,
+        end_of_turn: str | None = None,
     ) -> None:
+        """`end_of_turn`: the token trained after each answer (the model's ChatFormat.end_of_turn);
+        None finds it from the template as resolve_chat_format does (its closer, else the EOS)."""
+        from llm_installer.chat_format import end_token_for
+
         self.tokenizer = tokenizer
         template = chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
         if isinstance(template, dict):  # several named templates: the default one renders conversations
@@ -90,15 +93,11 @@ class Renderer:
         self.video_token = video_token
         self.eos_token: str | None = getattr(tokenizer, "eos_token", None)
         self.eos_id: int | None = getattr(tokenizer, "eos_token_id", None)
-        specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
-        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-        specials |= {t.content for t in decoder.values() if getattr(t, "special", False)}
-        # Only tokens that *end* a turn are trained after an answer: a template that goes straight on to
-        # the next role marker (`<|user|>`) must not teach the model to emit that marker.
-        ends = {t for t in specials if t in END_OF_TURN_TOKENS}
-        if self.eos_token:
-            ends.add(self.eos_token)
-        self.end_tokens = sorted(ends, key=len, reverse=True)
+        # Only the one token that ends a turn is trained after an answer: a template that goes straight on
+        # to the next role marker (`<|user|>`) must not teach the model to emit that marker, and a token
+        # that generation does not stop at must not be taught either.
+        self.end_token: str | None = end_of_turn or end_token_for(tokenizer, self.template)
+        self.end_tokens = [self.end_token] if self.end_token else []
         self._shapes: dict[tuple[str, ...], _Shape] = {}
         # A template that looks inside contents (trims them, splits them, tests `'x' in content`) may
         # render one record of a shape like the sentinels and the next one differently: check every record.
@@ -150,7 +149,7 @@ class Renderer:
             if role == "assistant":
                 eot[i] = self._eot_length(pieces[i + 1])
         last = max((i for i, r in enumerate(roles) if r == "assistant"), default=None)
-        if last is not None and eot[last] == 0 and self.eos_token:
+        if last is not None and eot[last] == 0 and self.end_token:
             append_eos = True
         return _Shape(pieces, eot, append_eos, merge_system=merge)
 
@@ -214,7 +213,7 @@ class Renderer:
         return out
 
     def _same(self, shape: _Shape, real: str, out: Rendered) -> bool:
-        return real == out.text or (shape.append_eos and real + self.eos_token == out.text)
+        return real == out.text or (shape.append_eos and real + self.end_token == out.text)
 
     def _fast(self, shape: _Shape, messages: list[dict[str, str]]) -> Rendered:
         chunks: list[str] = []
@@ -234,8 +233,8 @@ class Renderer:
         text = "".join(chunks)
         if shape.append_eos:
             last = spans[-1]
-            spans[-1] = (last[0], len(text) + len(self.eos_token))
-            text += self.eos_token
+            spans[-1] = (last[0], len(text) + len(self.end_token))
+            text += self.end_token
         return Rendered(text, spans, answer_starts=starts)
 
     def _slow(self, messages: list[dict[str, str]], shape: _Shape) -> Rendered:
@@ -257,11 +256,11 @@ class Renderer:
             spans.append((start, end + self._eot_length(text[end:])))
             starts.append(start)
         last = messages[-1]
-        if spans and last["role"] == "assistant" and self.eos_token:
+        if spans and last["role"] == "assistant" and self.end_token:
             s0, e0 = spans[-1]
             if e0 == starts[-1] + len(last["content"].strip()):  # no end-of-turn token closes the answer
-                text = text[:e0] + self.eos_token + text[e0:]
-                spans[-1] = (s0, e0 + len(self.eos_token))
+                text = text[:e0] + self.end_token + text[e0:]
+                spans[-1] = (s0, e0 + len(self.end_token))
         return Rendered(text, spans, answer_starts=starts)
 
     # ---- tokenization ------------------------------------------------------------------------------

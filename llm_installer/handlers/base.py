@@ -19,11 +19,14 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from llm_installer.console import warn
 from llm_installer.errors import UserError
 from llm_installer.model_info import ModelInfo
+
+if TYPE_CHECKING:
+    from llm_installer.chat_format import ChatFormat
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +47,8 @@ DEFAULT_PREPROCESSING: dict[str, dict[str, Any]] = {
     "multi_choice": {"shuffle_choices": False, "answer_format": "letter"},
 }
 
-# Tokens that end an assistant turn in common chat formats; the server stops on any of them.
+# Common spellings of end-of-turn tokens, kept for code that imports it. The token a model really ends
+# turns with is not looked up here: resolve_chat_format finds it in the chosen template (chat_format.py).
 END_OF_TURN_TOKENS: tuple[str, ...] = (
     "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
     "<|end_of_text|>", "</s>",
@@ -375,38 +379,46 @@ class BaseHandler:
 
     default_chat_template: ClassVar[str | None] = None  # family default for base models without one
 
-    def get_chat_template(self, tokenizer: Any) -> str:
-        """The tokenizer's own template; else the family default (when its markers exist); else ChatML."""
-        from llm_installer.handlers import templates
+    def resolve_chat_format(self, tokenizer: Any) -> ChatFormat:
+        """The one chat format training, the report, `chat`, `start` and `export` use for this model.
 
-        tok = getattr(tokenizer, "tokenizer", tokenizer)
-        own = getattr(tokenizer, "chat_template", None) or getattr(tok, "chat_template", None)
-        if isinstance(own, dict):
-            own = own.get("default") or next(iter(own.values()), None)
-        if own:
-            return own
-        return templates.default_template_for(tok, self.default_chat_template)
+        The tokenizer's own template, else this handler's family template, else ChatML, else plain
+        text; the end-of-turn token is the single token the chosen template closes answers with (see
+        llm_installer/chat_format.py for the rule and why). A subclass (or a user handler) that
+        overrides `get_chat_template` or `get_stop_token_ids` is still honoured: its template is tried
+        first and its stop ids are added after the end-of-turn token.
+        """
+        from llm_installer.chat_format import resolve_chat_format
+
+        cls = type(self)
+        handler_template = None
+        extra: list[int] = []
+        # An override that calls super() lands back here: answer it with the base rule (no recursion).
+        if not self.__dict__.get("_resolving_chat_format"):
+            self._resolving_chat_format = True
+            try:
+                if cls.get_chat_template is not BaseHandler.get_chat_template:
+                    handler_template = self.get_chat_template(tokenizer)
+                if cls.get_stop_token_ids is not BaseHandler.get_stop_token_ids:
+                    extra = list(self.get_stop_token_ids(tokenizer) or [])
+            finally:
+                self._resolving_chat_format = False
+        return resolve_chat_format(
+            tokenizer,
+            family=self.default_chat_template,
+            handler_template=handler_template,
+            handler_name=self.name,
+            config_eos_ids=self.config.get("eos_token_id"),
+            extra_stop_ids=extra,
+        )
+
+    def get_chat_template(self, tokenizer: Any) -> str:
+        """The chat template of `resolve_chat_format` (kept for callers and handlers that override it)."""
+        return self.resolve_chat_format(tokenizer).template
 
     def get_stop_token_ids(self, tokenizer: Any) -> list[int]:
-        """EOS plus every end-of-turn token the vocabulary has, and the model's configured eos ids."""
-        tok = getattr(tokenizer, "tokenizer", tokenizer)
-        ids: list[int] = []
-
-        def add(i: Any) -> None:
-            if isinstance(i, int) and i >= 0 and i not in ids:
-                ids.append(i)
-
-        add(getattr(tok, "eos_token_id", None))
-        eos_cfg = self.config.get("eos_token_id")
-        for i in eos_cfg if isinstance(eos_cfg, list) else [eos_cfg]:
-            add(i)
-        unk = getattr(tok, "unk_token_id", None)
-        vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
-        for token in END_OF_TURN_TOKENS:
-            tid = vocab.get(token)
-            if tid is not None and tid != unk:
-                add(tid)
-        return ids
+        """The end-of-turn id first, then the EOS and the config's eos ids (from `resolve_chat_format`)."""
+        return list(self.resolve_chat_format(tokenizer).stop_token_ids)
 
 
 def choose_pad_token(tok: Any) -> str | None:

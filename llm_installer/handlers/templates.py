@@ -1,8 +1,11 @@
 """Family default chat templates, used when a (base) model's tokenizer brings none.
 
-A family template is only used when the tokenizer really has its marker tokens (a Llama-3 template on
-a tokenizer without `<|start_header_id|>` would tokenise its markers as plain text); otherwise ChatML
-when `<|im_start|>` exists, otherwise a plain-text template that ends each assistant turn with the EOS.
+A family template is only used when each of its markers is ONE token of the tokenizer (a Llama-3
+template on a tokenizer without `<|start_header_id|>` would tokenise its markers as plain text, and a
+model trained to end answers with such pieces never emits a token anything stops on); otherwise ChatML
+when its markers are single tokens, otherwise a plain-text template that ends each assistant turn with
+the EOS. `llm_installer.chat_format.resolve_chat_format` applies this rule and finds the end-of-turn
+token; `default_template_for` is the same choice for callers that only want the template.
 """
 
 from __future__ import annotations
@@ -75,16 +78,22 @@ MARKERS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Templates whose markers may be plain text: [INST] is not a token in older Mistral tokenizers, and the
+# plain template has none; both end answers with the EOS token.
+TEXT_MARKERS: frozenset[str] = frozenset({"mistral", "plain"})
+
+
 def _has_markers(tok: Any, name: str) -> bool:
-    vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
-    markers = MARKERS[name]
-    if name == "mistral":  # [INST] is plain text in older Mistral tokenizers
+    """Each marker of template `name` is one token here (in the vocabulary is not enough)."""
+    from llm_installer.chat_format import single_token_id
+
+    if name == "mistral":
         return bool(getattr(tok, "bos_token", None))
-    return all(m in vocab for m in markers)
+    return all(single_token_id(tok, m) is not None for m in MARKERS[name])
 
 
 def default_template_for(tok: Any, family_default: str | None) -> str:
-    """The family default if the tokenizer has its markers, else ChatML if it has those, else plain text."""
+    """The family default if its markers are single tokens, else ChatML if those are, else plain text."""
     for name in (family_default, "chatml"):
         if name and name in TEMPLATES and _has_markers(tok, name):
             return TEMPLATES[name]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm_installer.chat_format import model_chat_format
 from llm_installer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -322,7 +323,9 @@ class Engine:
             if merge_adapter:
                 model = model.merge_and_unload()
         model.eval()
-        template, stops = chat_settings(info, tokenizer, model)
+        # the template and end-of-turn token training used (the adapter records them): stop exactly there
+        chat_format = model_chat_format(info, tokenizer, lora_dir)
+        template, stops = chat_format.template, list(chat_format.stop_token_ids)
         return cls(
             model,
             tokenizer,
@@ -344,6 +347,7 @@ class Engine:
                 "adapter_info": _adapter_info(lora_dir),
                 "dtype": str(dtype),
                 "device": str(next(model.parameters()).device),
+                "chat_format": {k: v for k, v in chat_format.to_dict().items() if k != "template"},
             },
         )
 
@@ -842,31 +846,10 @@ def _mixes(model: Any) -> bool:
 
 
 def chat_settings(info: Any, tokenizer: Any, model: Any = None) -> tuple[str | None, list[int]]:
-    """The chat template and stop token ids used in training: the handler's, else the tokenizer's own."""
-    template = None
-    stops: list[int] = []
-    try:
-        from llm_installer.handlers.registry import get_handler  # written by the handlers area
+    """(template, stop token ids) of the model's ChatFormat (see `model_chat_format`); kept for callers.
 
-        handler = get_handler(info)
-        template = handler.get_chat_template(tokenizer)
-        stops = list(handler.get_stop_token_ids(tokenizer) or [])
-    except ImportError:
-        pass
-    except Exception as exc:  # a handler bug must not stop serving: fall back to the tokenizer's own settings
-        from llm_installer.console import warn
-
-        warn(
-            f"the model's handler could not give its chat template/stop tokens ({exc}); using the tokenizer's"
-        )
-    template = template or getattr(tokenizer, "chat_template", None)
-    if not stops:
-        eos = tokenizer.eos_token_id
-        stops = [eos] if isinstance(eos, int) else list(eos or [])
-        gen_cfg = getattr(model, "generation_config", None)
-        gen_eos = getattr(gen_cfg, "eos_token_id", None)
-        if isinstance(gen_eos, int):
-            stops.append(gen_eos)
-        elif gen_eos:
-            stops.extend(gen_eos)
-    return template, sorted({int(s) for s in stops if s is not None})
+    `model` is accepted for compatibility and not used: the stop ids come from the chat format (the
+    end-of-turn token first), never from a generation config that may not name the end-of-turn token.
+    """
+    chat_format = model_chat_format(info, tokenizer)
+    return chat_format.template, list(chat_format.stop_token_ids)

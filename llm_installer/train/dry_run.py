@@ -116,6 +116,10 @@ def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
                 if k in stats:
                     dt.add_row(k, str(stats[k]))
         console.print(dt)
+        from llm_installer.chat_format import handler_chat_format
+
+        # what the answers are trained to end with, and what chat/start/export will stop at
+        console.print(f"chat format: {handler_chat_format(handler, tokenizer).describe()}", soft_wrap=True)
     else:
         console.print("data: not given (pass --data to see the dataset summary)")
 

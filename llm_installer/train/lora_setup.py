@@ -185,7 +185,9 @@ def load_adapter(
     config = PeftConfig.from_pretrained(path)
     if not isinstance(config, LoraConfig) or not _needs_split(config):
         with _v5_native_targets():
-            return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable)
+            return PeftModel.from_pretrained(
+                model, path, adapter_name=adapter_name, is_trainable=is_trainable
+            )
     config.inference_mode = not is_trainable
     peft_model = _wrap(model, config, adapter_name, loading=True)
     result = peft_model.load_adapter(path, adapter_name, is_trainable=is_trainable)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llm_installer.chat_format import ChatFormat
 
 IGNORE = -100
 
@@ -39,15 +43,28 @@ def held_out_prompts(examples: list[dict[str, Any]], n: int) -> list[dict[str, A
     return out
 
 
-def generate_answers(
+@dataclass
+class Answer:
+    """One greedy answer and how it ended: at a stop token (the end of turn) or at the token limit."""
+
+    text: str
+    stopped: bool
+    new_tokens: int
+
+
+def generate_with_stops(
     model: Any,
     tokenizer: Any,
     prompts: list[dict[str, Any]],
     *,
     max_new_tokens: int,
     stop_ids: list[int] | None = None,
-) -> list[str]:
-    """Greedy answers to `prompts` (batch 1 each, the model's own generate; with the prompt's images)."""
+) -> list[Answer]:
+    """Greedy answers to `prompts` (batch 1 each, the model's own generate; with the prompt's images).
+
+    `stop_ids` should be the model's ChatFormat.stop_token_ids, the ids `chat` and `start` stop at, so
+    an answer that stops here stops there too (and one that does not is reported as running on).
+    """
     import torch
 
     if not prompts:
@@ -71,10 +88,36 @@ def generate_answers(
                 eos_token_id=eos,
                 pad_token_id=pad,
             )
-            answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+            new = out[0, ids.shape[1] :].tolist()
+            stopped = bool(new) and new[-1] in (eos or [])
+            text = tokenizer.decode(new, skip_special_tokens=True).strip()
+            answers.append(Answer(text, stopped, len(new)))
     if was_training:
         model.train()
     return answers
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[dict[str, Any]],
+    *,
+    max_new_tokens: int,
+    stop_ids: list[int] | None = None,
+) -> list[str]:
+    """The texts of `generate_with_stops` (for callers that do not need how each answer ended)."""
+    answers = generate_with_stops(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    return [a.text for a in answers]
+
+
+def _answer_line(answer: Answer | str | None, end_of_turn: str | None) -> str:
+    if answer is None:
+        return ""
+    if isinstance(answer, str):
+        return answer
+    if answer.stopped:
+        return f"{answer.text} _(stopped at {end_of_turn or 'a stop token'})_"
+    return f"{answer.text} _(no end-of-turn token within {answer.new_tokens} tokens: `chat` would run on)_"
 
 
 def loss_history(
@@ -117,11 +160,17 @@ def write_report(
     info: dict[str, Any],
     tokenizer: Any,
     prompts: list[dict[str, Any]],
-    before: list[str],
-    after: list[str],
+    before: list[Answer] | list[str],
+    after: list[Answer] | list[str],
+    chat_format: ChatFormat | None = None,
 ) -> Path:
-    """report.md: what was trained, how it ended, and the answers before and after on held-out prompts."""
+    """report.md: what was trained, how it ended, and the answers before and after on held-out prompts.
+
+    With `chat_format`, the report names the template and end-of-turn token the model was trained with
+    (the ones `chat`, `start` and `export` use) and says of each answer whether it stopped at it.
+    """
     m = info["metrics"]
+    eot = chat_format.end_of_turn if chat_format is not None else None
     lines = [
         f"# Training report: {info['base_model']['model_id']}",
         "",
@@ -132,6 +181,7 @@ def write_report(
         f"- steps: {m.get('global_step')}, epochs: {m.get('epoch')}",
         f"- final training loss: {m.get('train_loss_last')}, best validation loss: {m.get('best_eval_loss')}",
         f"- trained tokens/s (non-padding): {m.get('tokens_per_second')}, padding: {m.get('padding_fraction')}",
+        *([f"- chat format: {chat_format.describe()}"] if chat_format is not None else []),
         "",
         "![loss](loss.png)",
         "",
@@ -149,8 +199,8 @@ def write_report(
             "```",
             "",
             f"- expected: {expected}",
-            f"- before: {before[i] if i < len(before) else ''}",
-            f"- after: {after[i] if i < len(after) else ''}",
+            f"- before: {_answer_line(before[i] if i < len(before) else None, eot)}",
+            f"- after: {_answer_line(after[i] if i < len(after) else None, eot)}",
             "",
         ]
     if not prompts:

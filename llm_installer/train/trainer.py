@@ -670,11 +670,12 @@ def run_training(
     from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_callback import ProgressCallback as HFProgress
 
+    from llm_installer.chat_format import handler_chat_format
     from llm_installer.console import console as default_console
     from llm_installer.train import callbacks as cb
     from llm_installer.train import distributed
     from llm_installer.train.collate import PaddedCollator, PaddingFreeCollator
-    from llm_installer.train.report import generate_answers, held_out_prompts, plot_losses, write_report
+    from llm_installer.train.report import generate_with_stops, held_out_prompts, plot_losses, write_report
 
     console = console or default_console
     plan = TrainingPlan.from_dict(plan)
@@ -749,11 +750,13 @@ def run_training(
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
 
     model = load_training_model(plan, folder, info, handler)
-    stop_ids = handler.get_stop_token_ids(tokenizer) if hasattr(handler, "get_stop_token_ids") else None
+    # the template and end-of-turn token the data was rendered with: the report stops where `chat` will
+    chat_format = handler_chat_format(handler, tokenizer)
+    stop_ids = chat_format.stop_token_ids
     prompts = held_out_prompts(val_set or train_set, int(plan.value("report_prompts") or 0)) if main else []
     max_new = int(plan.value("report_max_new_tokens") or 32)
     with model.disable_adapter():
-        before = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new, stop_ids=stop_ids)
+        before = generate_with_stops(model, tokenizer, prompts, max_new_tokens=max_new, stop_ids=stop_ids)
 
     stats = cb.RunStats()
     # with per-example attention a whole batch is one row (no padding at all); with a mask-based
@@ -825,7 +828,7 @@ def run_training(
         from peft.utils import load_peft_weights
 
         set_peft_model_state_dict(model, load_peft_weights(str(source_dir)))
-    after = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new, stop_ids=stop_ids)
+    after = generate_with_stops(model, tokenizer, prompts, max_new_tokens=max_new, stop_ids=stop_ids)
 
     train_hist = [e["loss"] for e in state.log_history if "loss" in e]
     metrics = {
@@ -872,6 +875,7 @@ def run_training(
             "stats": _jsonable(getattr(data, "stats", {})),
         },
         "metrics": metrics,
+        "chat_format": chat_format.to_dict(),  # serving and export keep to what the adapter learned
         "stop_reason": stats.stop_reason,
         "interrupted": interrupted,
         "run_dir": str(run_dir),
@@ -891,6 +895,7 @@ def run_training(
             prompts=prompts,
             before=before,
             after=after,
+            chat_format=chat_format,
         )
         (run_dir / "metrics.json").write_text(
             json.dumps({"metrics": metrics, "log_history": state.log_history}, indent=2, default=str),

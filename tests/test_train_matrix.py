@@ -308,7 +308,9 @@ def test_matrix(name, installed, tmp_path, monkeypatch):
         frozen_changed = changed - probe.trainable
         if frozen_changed:
             failures.append(f"{cell}: frozen parameters changed: {sorted(frozen_changed)[:4]}")
-        stuck = {n for n in probe.trainable - changed}
+        stuck = probe.trainable - changed
+        if name == "qwen2_vl":  # trained on text here: its projector (the merger) sees no image, no gradient
+            stuck = {n for n in stuck if ".visual.merger." not in n}
         if stuck:
             failures.append(f"{cell}: trainable parameters did not change: {sorted(stuck)[:4]}")
         names = probe.trainable

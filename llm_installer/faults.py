@@ -30,6 +30,9 @@ POINTS = (
     "swap.new-in-place",  # the new install is in place, the old one not yet deleted
     "remove.locked",  # `remove` holds the lock, nothing deleted yet
     "remove.trashed",  # `remove` renamed the model aside, its files not yet deleted
+    "checkpoint.partial",  # a checkpoint's adapter and optimizer are written, its RNG and trainer state not yet
+    "checkpoint.written",  # the Trainer wrote a checkpoint's files, its completion marker not yet
+    "adapter.old-aside",  # an adapter write moved the previous adapter aside, the new one not yet in place
 )
 
 _ACTIONS = {"kill": signal.SIGKILL, "int": signal.SIGINT, "stop": signal.SIGSTOP}

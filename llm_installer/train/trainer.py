@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm_installer import faults
 from llm_installer.consent import allow_remote_code
 from llm_installer.errors import UserError
 from llm_installer.train.plan import TrainingPlan
@@ -278,6 +279,7 @@ def write_adapter_atomically(
                 shutil.copy2(f, tmp / Path(f).name)
         if target.exists():
             os.replace(target, old)
+            faults.point("adapter.old-aside")
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -588,9 +590,14 @@ class _LossTrainer:
                     loss = causal_lm_loss(model, inputs, head_on_labels=head_only(inputs))
                 return loss.detach(), None, None
 
+            def _save_rng_state(self, output_dir):
+                faults.point("checkpoint.partial")
+                super()._save_rng_state(output_dir)
+
             def _save_checkpoint(self, model, trial):
                 super()._save_checkpoint(model, trial)
                 # a checkpoint counts for --resume only once it is whole: the marker is written last
+                faults.point("checkpoint.written")
                 if self.args.should_save:
                     mark_checkpoint_complete(
                         Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
@@ -696,6 +703,7 @@ def run_training(
     folder, info, handler = load_components(plan)
     target = Path(plan.value("output")).expanduser() if plan.value("output") else folder.lora_dir
     check_adapter_target(target, folder.root)
+    recover_adapter_leftovers(target)  # a previous run killed mid-write: its adapter goes back first
     tokenizer = load_tokenizer_for(folder, handler, info)
     # the run folder first (rejects.jsonl goes into it): a new one, or the one being resumed
     resumed_from = None

@@ -145,8 +145,12 @@ def test_hardware_precision_rule(monkeypatch):
         gpus = (hardware.GPU("gpu", 80.0, cc),) if cc else ()
         return hardware.Hardware(cpu_count=2, ram_gb=24, ram_available_gb=20, cuda=bool(cc), gpus=gpus)
 
-    for cc, precision, flash in (((9, 0), "bf16", True), ((7, 5), "fp16", True), ((6, 1), "fp32", False),
-                                 (None, "auto", False)):  # fmt: skip (CPU: the plan measures)
+    for cc, precision, flash in (
+        ((9, 0), "bf16", True),
+        ((7, 5), "fp16", True),
+        ((6, 1), "fp32", False),
+        (None, "auto", False),
+    ):  # fmt: skip (CPU: the plan measures)
         monkeypatch.setattr(hardware, "detect", lambda cc=cc: fake(cc))
         params = LlamaHandler({"model_id": "a/b-instruct", "model_type": "llama"}).get_training_parameters()
         assert (params["training_precision"], params["supports_flash_attention"]) == (precision, flash), cc

@@ -66,7 +66,9 @@ def _v5_native_targets() -> Iterator[None]:
     transformers maps onto them, such as deepseek), PEFT rewrites a LoRA config before injecting it so that
     adapters trained under v4 still load: any target named `gate_proj`/`up_proj`/`down_proj` (or ending in
     one) becomes the fused expert parameter. Our adapters are made under v5 with v5 names, so that rewrite
-    silently moved the dense MLP and shared-expert targets onto the experts: those layers got no LoRA."""
+    silently moved the dense MLP and shared-expert targets onto the experts: those layers got no LoRA.
+    The same rewrite makes PEFT's own `PeftModel.from_pretrained` refuse such an adapter (a size mismatch:
+    loudly, not wrongly); `load_adapter` here loads it as trained."""
     import peft.utils.transformers_weight_conversion as conversion
 
     original = conversion.convert_peft_config_for_transformers

@@ -104,6 +104,15 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug: one line by default, the traceback with --debug
+        from llm_installer.errors import is_disk_full
+
+        if is_disk_full(exc) and not _debug:
+            err_console.print(
+                "[red]error:[/red] the disk is full: free some space and run the command again (an "
+                "interrupted training resumes with --resume; finished adapters and installs are kept)",
+                soft_wrap=True,
+            )
+            sys.exit(1)
         if _debug:
             err_console.print_exception()
         else:

@@ -7,6 +7,8 @@ The CLI prints it as `error: <message>` without a traceback (`--debug` shows one
 
 from __future__ import annotations
 
+import errno
+
 
 class UserError(Exception):
     """A problem the user can fix; printed as one line, never a traceback."""
@@ -42,3 +44,18 @@ class CheckFailed(UserError):
     """A verification found a problem (e.g. `verify` found a changed file): exit code 1."""
 
     exit_code = 1
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError ENOSPC/EDQUOT anywhere in the chain, or safetensors' Rust "StorageFull" error."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False

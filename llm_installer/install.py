@@ -10,7 +10,6 @@ A file lock keeps two installs of the same model from racing.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from llm_installer import faults, store
 from llm_installer.console import err_console
-from llm_installer.errors import InvalidNameError, SourceError, UserError
+from llm_installer.errors import InvalidNameError, SourceError, UserError, is_disk_full
 from llm_installer.model_info import ModelInfo
 from llm_installer.sources import bundled
 
@@ -96,21 +95,6 @@ def _check_disk(needed_bytes: int, where: Path) -> None:
             f"not enough disk space in {where}: the model needs {store.human_size(needed_bytes)}, "
             f"{store.human_size(free)} free; free some space or pass --models-dir on a larger disk"
         )
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    """An OSError ENOSPC/EDQUOT anywhere in the chain, or safetensors' Rust "StorageFull" error."""
-    seen = 0
-    e: BaseException | None = exc
-    while e is not None and seen < 8:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(e)
-        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
-            return True
-        e = e.__cause__ or e.__context__
-        seen += 1
-    return False
 
 
 def _downloaded_anything(partial: Path) -> bool:
@@ -407,7 +391,7 @@ def install(
         except BaseException as exc:
             # Keep a Hub download cut by Ctrl-C, the network or a full disk so the next run resumes it,
             # but only if something was downloaded; anything else is cleaned up.
-            full = _is_disk_full(exc)
+            full = is_disk_full(exc)
             resumable = isinstance(exc, KeyboardInterrupt) or getattr(exc, "resumable", False) or full
             keep = src.kind == "hub" and resumable and _downloaded_anything(partial)
             if keep:

@@ -77,3 +77,40 @@ def test_a_kill_during_the_adapter_write_loses_no_finished_adapter(tiny_installe
     assert interrupted.returncode == -signal.SIGKILL
     assert (root / "lora" / "adapter_model.safetensors").read_bytes() == finished
     assert not [p for p in root.iterdir() if p.name.startswith(".lora.")]
+
+
+def test_a_full_disk_during_training_is_one_line_and_keeps_the_finished_adapter(tiny_model_factory, tmp_path):
+    """A real small filesystem (tmpfs, as root) that fills up while a second training runs."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs (CI runs as root)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        env = dict(os.environ, LLM_INSTALLER_MODELS_DIR=str(mnt / "models"), PYTHONPATH=str(REPO))
+        env.pop("LLM_INSTALLER_FAULT", None)
+
+        def cli(*argv: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [str(REPO / "llm-installer"), *argv], env=env, capture_output=True, text=True, timeout=400
+            )
+
+        assert cli("install", str(tiny_model_factory("llama")), "--name", "test/tiny").returncode == 0
+        first = cli("train", "test/tiny", *ARGS, "--max-steps", "2")
+        assert first.returncode == 0, first.stdout + first.stderr
+        lora = mnt / "models" / "test_tiny" / "lora"
+        finished = (lora / "adapter_model.safetensors").read_bytes()
+        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+        (mnt / "filler").write_bytes(b"\0" * max(0, free - 64 * 1024))  # leave 64 KiB
+        full = cli("train", "test/tiny", *ARGS, "--epochs", "1")
+        out = full.stdout + full.stderr
+        assert full.returncode != 0 and "the disk is full" in out, out[-2000:]
+        assert "Traceback" not in out and "unexpected" not in out
+        assert (lora / "adapter_model.safetensors").read_bytes() == finished
+        assert not [p for p in lora.parent.iterdir() if p.name.startswith(".lora.")]
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

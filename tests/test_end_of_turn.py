@@ -16,13 +16,13 @@ the vocabulary, taught the answer followed by that marker's pieces, and chat pri
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from llm_installer.chat_format import single_token_id
 from llm_installer.handlers import templates
+from tests.test_train_fixtures import run_cli
 
 QUESTION = "What is the capital of Veloria?"
 ANSWER = "The capital of Veloria is Orvald."
@@ -192,17 +192,7 @@ def _tiny_model(family: str, tok_dir: Path, out: Path) -> Path:
 
 
 def _cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    """The CLI in this process (the console script's code path, without re-importing torch)."""
-    import io
-
-    from llm_installer.cli import main
-
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_cli(capsys, monkeypatch, *args)
 
 
 @pytest.mark.parametrize("case", list(CASES))

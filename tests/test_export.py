@@ -3,25 +3,17 @@ the Ollama Modelfile, the vLLM command, and the smoke test that checks the expor
 
 from __future__ import annotations
 
-import io
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.test_serve_support import install_tiny, make_adapter
+from tests.test_train_fixtures import run_cli
 
 
 def _main(capsys, monkeypatch, models: Path, *args: str) -> tuple[int, str, str]:
-    from llm_installer.cli import main
-
     monkeypatch.setenv("LLM_INSTALLER_MODELS_DIR", str(models))
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_cli(capsys, monkeypatch, *args)
 
 
 @pytest.fixture(scope="module")

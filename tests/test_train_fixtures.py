@@ -34,3 +34,19 @@ def cli_args(*argv: str) -> dict:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    """`llm-installer ARGS` in this process (the console script's code path, without re-importing torch):
+    (exit code, stdout, stderr), with an empty stdin."""
+    import io
+    import sys
+
+    from llm_installer.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err

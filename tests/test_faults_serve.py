@@ -189,6 +189,40 @@ def test_lone_surrogates_are_400_naming_the_field(base_url):
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
 
 
+def test_a_body_not_sent_as_json_is_400_saying_how_to_send_it(base_url):
+    """FastAPI reads a body as JSON only with a JSON Content-Type (so a web page cannot post one to a
+    local server without a CORS preflight); anything else is one clear OpenAI-shaped 400."""
+    body = json.dumps({"messages": MSG, "max_tokens": 2})
+    for headers in ({"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}):
+        resp = httpx.post(base_url + "/v1/chat/completions", content=body, headers=headers, timeout=30)
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"] == {
+            "message": "The request body must be a JSON object, sent with 'Content-Type: application/json'.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_json",
+        }
+    resp = _post(base_url, "/v1/chat/completions", "[1, 2]")
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
+
+
+def test_a_route_runs_alone_on_its_own_app(engine):
+    """Each route is a module-level function reading `request.app.state`: mounted alone, it works."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from llm_installer.serve.app import EXCEPTION_HANDLERS, model, models
+
+    app = FastAPI(exception_handlers=EXCEPTION_HANDLERS)
+    app.state.engine, app.state.api_key = engine, None
+    app.add_api_route("/v1/models", models)
+    app.add_api_route("/v1/models/{model_id:path}", model)
+    with TestClient(app) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == engine.model_names
+        err = client.get("/v1/models/nope").json()["error"]
+        assert err["code"] == "model_not_found" and err["param"] == "model"
+
+
 def test_a_slow_body_is_dropped_with_408(base_url):
     host, port = base_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:

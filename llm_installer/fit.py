@@ -55,17 +55,51 @@ def _kv_cache_gb(info: ModelInfo, bytes_per: float) -> float:
     return 2 * layers * hidden * ctx * bytes_per / GIB
 
 
-def _activations_gb(info: ModelInfo, bytes_per: float) -> float:
-    """Activations kept for backward at batch 4 x 512 tokens, without gradient checkpointing.
+QLORA_BYTES_PER_PARAM = 0.55  # 4-bit NF4 weights plus their quantisation constants
+TRAIN_OVERHEAD_GB = RUNTIME_OVERHEAD_GB + 0.4  # optimizer bookkeeping, data, allocator fragmentation
 
-    About 34 bytes per hidden unit per token per layer at 16-bit (Korthikanti et al. 2022), scaled for
-    fp32; plus the output logits, their log-softmax and gradient in fp32 (large for 128k-token vocabularies).
+
+def training_memory(
+    num_parameters: float,
+    *,
+    precision: str,
+    method: str = "lora",
+    tokens: int = TRAIN_BATCH * TRAIN_SEQ,
+    hidden_size: int | None = None,
+    num_layers: int | None = None,
+    vocab_size: int | None = None,
+    gradient_checkpointing: bool = False,
+    head_on_labels: bool = False,
+    lora_params: int | None = None,
+) -> dict[str, float]:
+    """The one estimate of LoRA/QLoRA training memory (GiB, by part and `total_gb`), used by `check`
+    (before anything is downloaded) and by `train --dry-run` (with the plan's values).
+
+    Rough on purpose: it answers "will this fit?". Weights at the training precision (QLoRA: 4-bit);
+    ~1% trainable parameters unless counted, each with a fp32 weight, gradient and two Adam moments;
+    activations kept for backward of about 34 bytes per hidden unit per token per layer at 16-bit
+    (Korthikanti et al. 2022; ~10 with gradient checkpointing), scaled for fp32; the output logits, their
+    log-softmax and gradient in fp32 (large for 128k-token vocabularies; half the tokens when the head
+    runs on labelled positions only); and the runtime itself.
     """
-    layers = info.num_layers or 24
-    hidden = info.hidden_size or 2048
-    tokens = TRAIN_BATCH * TRAIN_SEQ
-    logits = tokens * (info.vocab_size or 32000) * 4 * 3
-    return (layers * hidden * tokens * 34 * bytes_per / 2 + logits) / GIB
+    act_bytes = 4 if precision == "fp32" else 2
+    if method == "qlora":
+        weights, act_bytes = num_parameters * QLORA_BYTES_PER_PARAM, 2
+    else:
+        weights = num_parameters * act_bytes
+    trainable = lora_params if lora_params is not None else num_parameters * 0.01
+    layers, hidden = num_layers or 24, hidden_size or 2048
+    factor = 10 if gradient_checkpointing else 34
+    activations = layers * hidden * tokens * factor * act_bytes / 2
+    head = (tokens // 2 if head_on_labels else tokens) * (vocab_size or 32000) * 4 * 3
+    parts = {
+        "weights_gb": weights / GIB,
+        "lora_state_gb": trainable * 16 / GIB,
+        "activations_gb": activations / GIB,
+        "output_head_gb": head / GIB,
+        "overhead_gb": TRAIN_OVERHEAD_GB,
+    }
+    return {**parts, "total_gb": sum(parts.values())}
 
 
 def _training_precision(info: ModelInfo, hw: Any) -> str:
@@ -119,11 +153,9 @@ def estimate(info: ModelInfo, hw: Any) -> FitReport:
         )
         rows.append(inference[prec])
     train_precision = _training_precision(info, hw)
-    tb = 4 if train_precision == "fp32" else 2
-    lora_extra = params * 0.01 * 16 / GIB  # ~1% trainable: fp32 weights, grads, 2 Adam moments
-    train_overhead = RUNTIME_OVERHEAD_GB + 0.4  # optimizer bookkeeping, data, allocator fragmentation
-    lora = params * tb / GIB + _activations_gb(info, tb) + lora_extra + train_overhead
-    qlora = params * 0.55 / GIB + _activations_gb(info, 2) + lora_extra + train_overhead
+    shape = {"hidden_size": info.hidden_size, "num_layers": info.num_layers, "vocab_size": info.vocab_size}
+    lora = training_memory(params, precision=train_precision, **shape)["total_gb"]
+    qlora = training_memory(params, precision=train_precision, method="qlora", **shape)["total_gb"]
     rows.append(row(f"LoRA training ({train_precision})", lora))
     qrow = row("QLoRA training (4-bit, CUDA only)", qlora, gpu_ok=bool(getattr(hw, "cuda", False)))
     qrow.fits_ram = False  # bitsandbytes 4-bit training needs a CUDA GPU

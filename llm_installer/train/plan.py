@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -602,37 +601,19 @@ def estimate_memory(
     num_layers: int | None = None,
     vocab_size: int | None = None,
 ) -> dict[str, float]:
-    """A rough peak-memory estimate (GiB) for the plan: weights + LoRA state + activations + output head.
+    """A rough peak-memory estimate (GiB) for the plan: `fit.training_memory` (the rule `check` uses)
+    with the plan's precision, method, tokens per step, checkpointing and output-head setting."""
+    from llm_installer.fit import training_memory
 
-    Rough on purpose: it answers "will this fit?" before loading anything. Activations assume ~34 values of
-    hidden width per token per layer kept for backward (attention + MLP), as in the usual transformer
-    estimates, in the training precision.
-    """
-    n = plan.model.get("num_parameters") or 0
-    bytes_w = {"fp32": 4, "bf16": 2, "fp16": 2}.get(plan.value("precision"), 4)
-    if plan.value("method") == "qlora":
-        weights = n * 0.56
-    else:
-        weights = n * (4 if plan.value("precision") == "fp32" else 2)
-    if lora_params is None:
-        lora_params = int(n * 0.01)
-    lora_state = lora_params * 16  # weight + grad fp32 + two Adam moments
-    hidden = hidden_size or int(math.sqrt(max(n, 1) / 12 / max(num_layers or 24, 1))) or 1024
-    layers = num_layers or 24
-    tokens = plan.value("batch_size") * plan.value("max_seq_length")
-    act_factor = 10 if plan.value("gradient_checkpointing") else 34
-    activations = tokens * hidden * layers * act_factor * bytes_w / 2
-    vocab = vocab_size or 32000
-    head_tokens = tokens if not plan.value("head_on_labels") else tokens // 2
-    head = head_tokens * vocab * 4 * 3  # logits, log-softmax and its gradient in fp32
-    overhead = 0.6 * 1024**3  # torch + python + tokenizer
-    total = weights + lora_state + activations + head + overhead
-    gib = 1024**3
-    return {
-        "weights_gb": weights / gib,
-        "lora_state_gb": lora_state / gib,
-        "activations_gb": activations / gib,
-        "output_head_gb": head / gib,
-        "overhead_gb": overhead / gib,
-        "total_gb": total / gib,
-    }
+    return training_memory(
+        plan.model.get("num_parameters") or 0,
+        precision=plan.value("precision"),
+        method=plan.value("method"),
+        tokens=plan.value("batch_size") * plan.value("max_seq_length"),
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        vocab_size=vocab_size,
+        gradient_checkpointing=bool(plan.value("gradient_checkpointing")),
+        head_on_labels=bool(plan.value("head_on_labels")),
+        lora_params=lora_params,
+    )

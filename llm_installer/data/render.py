@@ -24,9 +24,9 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_installer.constants import CHATML_TEMPLATE, IGNORE_INDEX
 from llm_installer.data.records import Record, RecordError
 
-IGNORE_INDEX = -100
 _SENTINEL = "\ue000{}\ue001"
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 
@@ -36,10 +36,7 @@ _CONTENT_SENSITIVE = re.compile(
 )
 
 # Used only when neither the tokenizer nor the handler has a chat template (a base model, no handler).
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
 
 
 @dataclass

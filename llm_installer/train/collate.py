@@ -22,7 +22,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-IGNORE = -100
+from llm_installer.constants import IGNORE_INDEX
+
+IGNORE = IGNORE_INDEX
 
 
 def _example(ex: dict[str, Any]) -> tuple[list[int], list[int]]:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-IGNORE = -100
+from llm_installer.constants import IGNORE_INDEX
+
+IGNORE = IGNORE_INDEX
 _SPECIAL_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "output_router_logits")
 
 

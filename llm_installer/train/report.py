@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llm_installer.constants import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from llm_installer.chat_format import ChatFormat
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX
 
 
 def held_out_prompts(examples: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:

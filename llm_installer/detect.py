@@ -61,8 +61,19 @@ _VISION_TYPES = {
     "internvl",
     "phi4_multimodal",
 }
-_INSTRUCT_NAME = re.compile(r"(instruct|chat|[-_]it($|[-_])|sft|dpo|rlhf|assistant)", re.IGNORECASE)
-_BASE_NAME = re.compile(r"([-_]base($|[-_]))", re.IGNORECASE)
+_INSTRUCT_NAME = re.compile(r"instruct|chat|[-_.]it($|[-_.])|sft|dpo|rlhf|assistant", re.IGNORECASE)
+_BASE_NAME = re.compile(r"(^|[-_/.])base($|[-_/.])", re.IGNORECASE)
+
+
+def instruct_by_name(model_id: str) -> bool | None:
+    """What a model's name says: False for a base (pretrained) model ('-base'), True for an
+    instruction-tuned one ('-Instruct', '-chat', '-it', 'sft', 'dpo', ...), None when it says neither.
+    The one rule for `ModelInfo.is_instruct` and for a handler's base-model warning."""
+    if _BASE_NAME.search(model_id):
+        return False
+    if _INSTRUCT_NAME.search(model_id):
+        return True
+    return None
 
 _DTYPE_NAMES = {
     "F32": "float32",
@@ -166,7 +177,7 @@ def classify(config: dict[str, Any]) -> str:
     model_type = str(config.get("model_type") or "")
     archs = [str(a) for a in config.get("architectures") or []]
     text_cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    if config.get("vision_config") or model_type in _VISION_TYPES and model_type != "gemma3_text":
+    if config.get("vision_config") or model_type in _VISION_TYPES:
         return "vision_language"
     if (
         config.get("is_encoder_decoder")
@@ -238,7 +249,8 @@ def detect(model_dir: Path, *, model_id: str, source: str, revision: str | None 
     dtype = _first(configs, "dtype", "torch_dtype") or header_dtype
     remote = bool(config.get("auto_map")) and str(model_type) not in _known_model_types()
     chat = has_chat_template(model_dir)
-    is_instruct = bool(_INSTRUCT_NAME.search(model_id)) or (chat and not _BASE_NAME.search(model_id))
+    by_name = instruct_by_name(model_id)
+    is_instruct = chat if by_name is None else by_name
     tie = _first(configs, "tie_word_embeddings")
     return ModelInfo(
         model_id=model_id,

@@ -152,3 +152,20 @@ def test_broken_files_give_one_line_errors(tmp_path):
     (folder / "model.safetensors").write_bytes(b"\x01")
     with pytest.raises(SourceError, match=r"model.safetensors is not a valid safetensors file"):
         detect(folder, model_id="x", source="local")
+
+
+@pytest.mark.parametrize(
+    ("model_id", "expected"),
+    [
+        ("Qwen/Qwen2.5-0.5B-Instruct", True),
+        ("google/gemma-2-2b-it", True),
+        ("HuggingFaceTB/SmolLM2-135M", None),
+        ("org/model-base", False),
+        ("org/base-chat-v1", False),  # the two regexes disagreed here: 'base' wins
+        ("org/edit-model", None),  # 'it' inside a word is not '-it'
+    ],
+)
+def test_instruct_by_name_is_the_one_naming_rule(model_id, expected):
+    from llm_installer.detect import instruct_by_name
+
+    assert instruct_by_name(model_id) is expected

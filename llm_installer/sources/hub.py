@@ -1,8 +1,10 @@
 """Hugging Face Hub source: model info, config-only look-ups (for `check`) and resumable downloads.
 
-Downloads go through `huggingface_hub.snapshot_download(local_dir=...)` into the install's partial
-folder: its per-file metadata in `<local_dir>/.cache/huggingface` lets a re-run after Ctrl-C skip the
-files already complete, and it retries a cut transfer with an HTTP Range request. Every failure the user
+Downloads go file by file through `huggingface_hub.hf_hub_download(local_dir=...)` into the install's
+partial folder (not `snapshot_download`: see `download`): its per-file metadata in
+`<local_dir>/.cache/huggingface` lets a re-run after Ctrl-C skip the files already complete, and it
+retries a cut transfer with an HTTP Range request. The token and offline mode are huggingface_hub's own
+(`get_token`, `constants.HF_HUB_OFFLINE`). Every failure the user
 can act on (unknown repo, gated/private, unknown revision, no network) becomes one SourceError line.
 """
 
@@ -15,16 +17,18 @@ from pathlib import Path
 
 from llm_installer.errors import SourceError
 
-HUB_ID_HINT = "a Hub id looks like 'org/name'"
-
 
 def endpoint() -> str:
-    """The Hub URL in force (HF_ENDPOINT or huggingface.co)."""
+    """The Hub URL in force: HF_ENDPOINT read now, else huggingface.co. Not huggingface_hub's
+    `constants.ENDPOINT`, which is read once at import: a caller (or test) may set HF_ENDPOINT later."""
     return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
 def _token() -> str | None:
-    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+    """huggingface_hub's token: HF_TOKEN (or the older HUGGING_FACE_HUB_TOKEN), else `hf auth login`'s."""
+    from huggingface_hub import get_token
+
+    return get_token()
 
 
 def _is_network_error(exc: BaseException) -> bool:
@@ -95,7 +99,9 @@ def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         raise err from None
     except Exception as exc:
         if _is_network_error(exc):
-            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            from huggingface_hub import constants
+
+            if constants.HF_HUB_OFFLINE:
                 message = f"HF_HUB_OFFLINE is set, so {repo_id} cannot be downloaded; unset HF_HUB_OFFLINE"
             else:
                 message = (

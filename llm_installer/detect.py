@@ -75,6 +75,7 @@ def instruct_by_name(model_id: str) -> bool | None:
         return True
     return None
 
+
 _DTYPE_NAMES = {
     "F32": "float32",
     "F16": "float16",

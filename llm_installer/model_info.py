@@ -15,14 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field
 TaskKind = Literal["causal_lm", "vision_language", "moe", "seq2seq", "encoder", "diffusion", "unknown"]
 
 
-class FileEntry(BaseModel):
-    """One file of an installed model, as recorded in the manifest."""
-
-    path: str
-    size: int
-    sha256: str
-
-
 class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 

@@ -12,8 +12,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
-
 
 class RecordError(ValueError):
     """One record cannot be used; the message is the reason written to the rejects file."""
@@ -104,11 +102,4 @@ class LoadResult:
         out: dict[str, int] = {}
         for r in self.records:
             out[r.format] = out.get(r.format, 0) + 1
-        return out
-
-    def reject_reasons(self) -> dict[str, int]:
-        """Reject counts by reason with the specifics (field names stay, values go) for a short summary."""
-        out: dict[str, int] = {}
-        for r in self.rejects:
-            out[r.reason] = out.get(r.reason, 0) + 1
         return out

@@ -82,15 +82,6 @@ MODES: dict[str, dict[str, Any]] = {
     },
 }
 
-MODE_SUMMARY = {
-    "fast": "quick iteration: 3 epochs, 2x the handler's learning rate (constant), no LoRA dropout, "
-    "512 tokens, patience 1",
-    "medium": "default: 3 epochs, the handler's learning rate (cosine), LoRA dropout 0.05, patience 3",
-    "slow": "quality: 5 epochs, half the handler's learning rate (cosine), rank x2, dropout 0.1, patience 5",
-    "circle": "repeat the data up to 20 cycles until the training loss plateaus (<1% better for 2 cycles)",
-    "non-stop": "train until interrupted, evaluate every 50 steps and keep the best adapter",
-}
-
 
 def mode_settings(mode: str) -> dict[str, Any]:
     """The concrete settings of `mode` (a copy), raising KeyError for an unknown one."""

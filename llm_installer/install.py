@@ -10,12 +10,14 @@ A file lock keeps two installs of the same model from racing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -313,6 +315,96 @@ def install_model(ref: str, **kwargs) -> store.ModelFolder:
     return install(ref, **kwargs).folder
 
 
+def _source_and_folder(
+    ref: str, name: str | None, revision: str | None, link: bool, force: bool, exist_ok: bool
+):
+    """(the resolved source, the models-folder name) after refusing options that contradict it."""
+    if force and exist_ok:
+        raise UserError("--force and --exist-ok contradict each other: pass only one")
+    folder = store.folder_name(name) if name is not None else None
+    src = resolve_ref(ref)
+    if revision is not None and src.kind != "hub":
+        raise UserError(f"--revision applies only to Hub models; {ref} is a {src.kind} source")
+    if link and src.kind != "local":
+        raise UserError(f"--link applies only to a local model folder; {ref} is a {src.kind} source")
+    if folder is None:
+        try:
+            folder = store.folder_name(src.default_name)
+        except InvalidNameError:
+            raise InvalidNameError(
+                f"cannot use {src.default_name!r} as a model name (letters, digits, '.', '_' and '-' only); "
+                "pass --name"
+            ) from None
+    return src, folder
+
+
+@contextlib.contextmanager
+def _install_lock(folder: str) -> Iterator[None]:
+    """Hold the folder's install lock; a second install of the same name is refused at once."""
+    lock = store.folder_lock(folder)
+    try:
+        lock.acquire(timeout=0.5)
+    except store.LockBusy:
+        raise UserError(
+            f"another install of {folder} is running (lock {store.lock_path(folder)}); wait for it to finish"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _build(
+    src: ResolvedRef,
+    ref: str,
+    partial: Path,
+    *,
+    name: str | None,
+    revision: str | None,
+    link: bool,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+) -> ModelInfo:
+    """Fill the partial folder: the model's files, its detected info, the manifest and the wrappers."""
+    from llm_installer.detect import detect
+
+    model_dir = partial / store.MODEL_SUBDIR
+    _prepare_partial(partial, {"kind": src.kind, "ref": src.ref, "revision": revision, "link": link})
+    recorded_revision = _fetch(
+        src, revision, model_dir, link=link, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
+    # Hub and bundled models keep their upstream id; a folder or GGUF file is known by its --name.
+    model_id = src.model_id if src.kind in ("hub", "bundled") or name is None else name.strip()
+    info = detect(model_dir, model_id=model_id, source=src.kind, revision=recorded_revision)
+    if info.trust_remote_code and not trust_remote_code:
+        raise SourceError(
+            f"{ref} needs custom Python code from its repository; read it, then pass --trust-remote-code"
+        )
+    _write_info(partial, info, src, recorded_revision)
+    store.write_wrappers(partial)
+    (partial / _SOURCE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(model_dir / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
+    return info
+
+
+def _after_failure(exc: BaseException, src: ResolvedRef, partial: Path, folder: str) -> None:
+    """Keep a Hub download cut by Ctrl-C, the network or a full disk so the next run resumes it (only
+    if something was downloaded), clean up anything else; a full disk becomes one line."""
+    full = is_disk_full(exc)
+    resumable = isinstance(exc, KeyboardInterrupt) or getattr(exc, "resumable", False) or full
+    keep = src.kind == "hub" and resumable and _downloaded_anything(partial)
+    if keep:
+        _say(f"the partial download is kept in {partial}; run the same command again to resume")
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
+    if full:
+        raise UserError(
+            f"the disk of {store.models_dir()} is full ({store.human_size(_free_bytes(partial))} free) "
+            f"while installing {folder}; free some space or pass --models-dir on a larger disk"
+            + (", then run the same command again to resume" if keep else "")
+        ) from None
+
+
 def install(
     ref: str,
     *,
@@ -325,34 +417,9 @@ def install(
     exist_ok: bool = False,
 ) -> InstallResult:
     """Install `ref` into the models folder (see the module docstring)."""
-    from llm_installer.detect import detect
-
-    if force and exist_ok:
-        raise UserError("--force and --exist-ok contradict each other: pass only one")
-    if name is not None:
-        folder = store.folder_name(name)
-    src = resolve_ref(ref)
-    if revision is not None and src.kind != "hub":
-        raise UserError(f"--revision applies only to Hub models; {ref} is a {src.kind} source")
-    if link and src.kind != "local":
-        raise UserError(f"--link applies only to a local model folder; {ref} is a {src.kind} source")
-    if name is None:
-        try:
-            folder = store.folder_name(src.default_name)
-        except InvalidNameError:
-            raise InvalidNameError(
-                f"cannot use {src.default_name!r} as a model name (letters, digits, '.', '_' and '-' only); "
-                "pass --name"
-            ) from None
+    src, folder = _source_and_folder(ref, name, revision, link, force, exist_ok)
     target = store.models_dir() / folder
-    lock = store.folder_lock(folder)
-    try:
-        lock.acquire(timeout=0.5)
-    except store.LockBusy:
-        raise UserError(
-            f"another install of {folder} is running (lock {store.lock_path(folder)}); wait for it to finish"
-        ) from None
-    try:
+    with _install_lock(folder):
         faults.point("install.locked")
         for note in store.recover(folder):
             _say(note)
@@ -366,47 +433,20 @@ def install(
                     "(or --exist-ok to keep it)"
                 )
         partial = store.partial_dir(folder)
-        model_dir = partial / store.MODEL_SUBDIR
         try:
-            _prepare_partial(partial, {"kind": src.kind, "ref": src.ref, "revision": revision, "link": link})
-            recorded_revision = _fetch(
+            info = _build(
                 src,
-                revision,
-                model_dir,
+                ref,
+                partial,
+                name=name,
+                revision=revision,
                 link=link,
                 allow_pickle=allow_pickle,
                 trust_remote_code=trust_remote_code,
             )
-            # Hub and bundled models keep their upstream id; a folder or GGUF file is known by its --name.
-            model_id = src.model_id if src.kind in ("hub", "bundled") or name is None else name.strip()
-            info = detect(model_dir, model_id=model_id, source=src.kind, revision=recorded_revision)
-            if info.trust_remote_code and not trust_remote_code:
-                raise SourceError(
-                    f"{ref} needs custom Python code from its repository; read it, then pass --trust-remote-code"
-                )
-            _write_info(partial, info, src, recorded_revision)
-            store.write_wrappers(partial)
-            (partial / _SOURCE_MARKER).unlink(missing_ok=True)
-            shutil.rmtree(model_dir / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
         except BaseException as exc:
-            # Keep a Hub download cut by Ctrl-C, the network or a full disk so the next run resumes it,
-            # but only if something was downloaded; anything else is cleaned up.
-            full = is_disk_full(exc)
-            resumable = isinstance(exc, KeyboardInterrupt) or getattr(exc, "resumable", False) or full
-            keep = src.kind == "hub" and resumable and _downloaded_anything(partial)
-            if keep:
-                _say(f"the partial download is kept in {partial}; run the same command again to resume")
-            else:
-                shutil.rmtree(partial, ignore_errors=True)
-            if full:
-                raise UserError(
-                    f"the disk of {store.models_dir()} is full ({store.human_size(_free_bytes(partial))} free) "
-                    f"while installing {folder}; free some space or pass --models-dir on a larger disk"
-                    + (", then run the same command again to resume" if keep else "")
-                ) from None
+            _after_failure(exc, src, partial, folder)
             raise
         faults.point("install.complete")
         _move_into_place(partial, target, info.model_id)
         return InstallResult(store.ModelFolder(target), installed=True)
-    finally:
-        lock.release()

@@ -18,13 +18,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# Common spellings of end-of-turn tokens. The token a model really ends turns with is not looked up
-# here: chat_format.resolve_chat_format finds it in the chosen template.
-END_OF_TURN_TOKENS: tuple[str, ...] = (
-    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
-    "<|end_of_text|>", "</s>",
-)  # fmt: skip
-
 # Module-name parts of a vision-language model's image encoder, and of the projector that maps its
 # output into the language model (trained with the text side, unlike the frozen encoder).
 VISION_TOWER_NAMES: tuple[str, ...] = (

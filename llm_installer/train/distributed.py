@@ -2,9 +2,11 @@
 
 The training loop itself is transformers' `Trainer`, which already does DDP/FSDP/DeepSpeed through
 accelerate. What is ours is the run around it: one run folder for all processes, prepared-data cache
-written once, and the adapter, report, plot and console output written by the main process only. A
-launcher sets RANK / WORLD_SIZE; without them everything here is a no-op, so single-process runs pay
-nothing (not even the import of torch.distributed).
+written once, and the adapter, report, plot and console output written by the main process only. The
+waiting, broadcasting and gathering are accelerate's (`PartialState`, `broadcast_object_list`,
+`gather_object`). A launcher sets RANK / WORLD_SIZE, read here from the environment because the thread
+count is set before any process group exists; without them everything here is a no-op, so
+single-process runs pay nothing (not even the import of accelerate).
 """
 
 from __future__ import annotations
@@ -32,61 +34,55 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _state() -> Any:
+    """accelerate's process state (a shared singleton: the Trainer's Accelerator uses the same one).
+
+    `cpu=True` without CUDA, as transformers' TrainingArguments asks for it: without it accelerate joins
+    the process group but records no distributed type, and its broadcast and gather do nothing."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def init() -> None:
     """Join the launcher's process group the way the Trainer will (accelerate's PartialState)."""
     if world_size() > 1:
-        from accelerate import PartialState
-
-        PartialState()
-
-
-def _ready() -> bool:
-    if world_size() <= 1:
-        return False
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
+        _state()
 
 
 def barrier() -> None:
-    if _ready():
-        import torch.distributed as dist
-
-        dist.barrier()
+    """Wait until every process gets here."""
+    if world_size() > 1:
+        _state().wait_for_everyone()
 
 
 def broadcast(value: Any) -> Any:
     """The main process's `value`, on every process."""
-    if not _ready():
+    if world_size() <= 1:
         return value
-    import torch.distributed as dist
+    from accelerate.utils import broadcast_object_list
 
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def total(value: int) -> int:
     """Sum of an integer over all processes (e.g. tokens each one trained on)."""
-    if not _ready():
+    if world_size() <= 1:
         return value
-    import torch.distributed as dist
+    from accelerate.utils import gather_object
 
-    box = [None] * world_size()
-    dist.all_gather_object(box, int(value))
-    return sum(int(v) for v in box)
+    return sum(int(v) for v in gather_object([int(value)]))
 
 
 @contextmanager
 def main_first() -> Iterator[None]:
     """The main process runs the block first (writing caches); the others follow and find them."""
-    if not is_main():
-        barrier()
-    try:
+    if world_size() <= 1:
         yield
-    finally:
-        if is_main():
-            barrier()
+        return
+    with _state().main_process_first():
+        yield
 
 
 __all__ = [

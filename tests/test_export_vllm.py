@@ -9,6 +9,7 @@ start on a machine it FAILS with what vLLM printed and the CPU's flags: never a 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -62,9 +63,12 @@ def test_export_vllm_writes_an_executable_launch_script(tmp_path, tiny_model_fac
     from llm_installer.export import folder_chat_format
 
     store.set_models_dir(models)
-    assert (out / "chat_template.jinja").read_text() == folder_chat_format(store.find_model("tiny"))[
-        1
-    ].template
+    chat_format = folder_chat_format(store.find_model("tiny"))[1]
+    assert (out / "chat_template.jinja").read_text() == chat_format.template
+    # vLLM stops at the generation config's eos ids: ours, the end-of-turn id first
+    assert f"--generation-config {out}" in launch
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == list(chat_format.stop_token_ids) and gen["eos_token_id"][0] == 2
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     # the one-line command printed by every export says the same
     assert "vLLM: VLLM_CPU_KVCACHE_SPACE=2 " in stdout and "--host 127.0.0.1 --port 8000" in stdout
@@ -73,8 +77,6 @@ def test_export_vllm_writes_an_executable_launch_script(tmp_path, tiny_model_fac
 
 
 def test_a_high_rank_adapter_gets_max_lora_rank(tmp_path, tiny_model_factory, capsys, monkeypatch):
-    import json
-
     models = tmp_path / "models"
     root = install_tiny(models, tiny_model_factory("llama"), name="tiny")
     cfg_path = root / "lora" / "adapter_config.json"

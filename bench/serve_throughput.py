@@ -160,7 +160,7 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def rounds(contestants: dict[str, Callable[[], float]], n_rounds: int) -> dict[str, list[float]]:
+def rounds(contestants: dict[str, Callable[..., float]], n_rounds: int) -> dict[str, list[float]]:
     """Run every contestant once per round, in the same order, `n_rounds` times."""
     got: dict[str, list[float]] = {k: [] for k in contestants}
     for r in range(n_rounds):
@@ -226,33 +226,33 @@ def main() -> None:
         )
         prompt_ids = engine.chat_prompt_ids(PROMPT)
         ours = client_for(stack.enter_context(background_server(engine)))
-        contestants: dict[str, Callable[[], float]] = {
-            "plain": lambda: plain_generate(engine, prompt_ids, n),
-            "ours_1": lambda: server_rate(ours, engine.name, n),
-            "ours_8": lambda: server_rate(ours, engine.name, n, streams=b),
-            "lora_1": lambda: server_rate(ours, engine.name + ":lora", n),
+        contestants: dict[str, Callable[..., float]] = {
+            "plain": lambda k=n: plain_generate(engine, prompt_ids, k),
+            "ours_1": lambda k=n: server_rate(ours, engine.name, k),
+            "ours_8": lambda k=n: server_rate(ours, engine.name, k, streams=b),
+            "lora_1": lambda k=n: server_rate(ours, engine.name + ":lora", k),
         }
         if args.merged:
             merged = Engine.load(str(root), lora=lora, merge_adapter=True).start()
             stack.callback(merged.stop)
             fused = client_for(stack.enter_context(background_server(merged)))
-            contestants["merged_1"] = lambda: server_rate(fused, merged.name + ":lora", n)
+            contestants["merged_1"] = lambda k=n: server_rate(fused, merged.name + ":lora", k)
         if not args.no_vllm:
             url, secs = stack.enter_context(vllm_server(root, lora, dtype, Path(tmp), args.vllm_eager))
             print(f"vLLM answered /v1/models {secs:.0f} s after its script started", flush=True)
             vllm, name = client_for(url), engine.name
             contestants |= {
-                "vllm_1": lambda: server_rate(vllm, name, n),
-                "vllm_8": lambda: server_rate(vllm, name, n, streams=b),
-                "vllm_lora_1": lambda: server_rate(vllm, name + "-lora", n),
+                "vllm_1": lambda k=n: server_rate(vllm, name, k),
+                "vllm_8": lambda k=n: server_rate(vllm, name, k, streams=b),
+                "vllm_lora_1": lambda k=n: server_rate(vllm, name + "-lora", k),
             }
         for spec in args.openai:
             label, url, model = spec.split("=", 2)
             other = client_for(url.rstrip("/").removesuffix("/v1"))
-            contestants[f"{label}_1"] = lambda c=other, m=model: server_rate(c, m, n)
-            contestants[f"{label}_8"] = lambda c=other, m=model: server_rate(c, m, n, streams=b)
+            contestants[f"{label}_1"] = lambda k=n, c=other, m=model: server_rate(c, m, k)
+            contestants[f"{label}_8"] = lambda k=n, c=other, m=model: server_rate(c, m, k, streams=b)
         for fn in contestants.values():  # warm-up: first-call costs (compilation, caches) out of the figures
-            fn()
+            fn(4)
         got = rounds(contestants, args.rounds)
     report(got, n, b, cpu_flags())
 

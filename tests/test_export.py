@@ -72,7 +72,7 @@ def test_merge_round_trip_logits_and_modelfile(models, tmp_path, capsys, monkeyp
     assert "{{ .Content }}<|im_end|>" in text
     assert 'PARAMETER stop "<|im_end|>"' in lines
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in text
-    assert f"vllm serve {merged.resolve()}" in out
+    assert f"vllm.entrypoints.openai.api_server --model {merged.resolve()}" in out
 
 
 def test_ollama_adapter_and_vllm_command(models, tmp_path, capsys, monkeypatch):

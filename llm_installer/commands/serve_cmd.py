@@ -201,6 +201,9 @@ def export(
     ollama: Annotated[
         Path | None, typer.Option("--ollama", help="Write an Ollama Modelfile into this folder.")
     ] = None,
+    vllm: Annotated[
+        Path | None, typer.Option("--vllm", help="Write a vLLM launch script (serve-vllm.sh) into this folder.")
+    ] = None,
     lora: LoraPath = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing export.")] = False,
     smoke: Annotated[
@@ -244,8 +247,12 @@ def export(
             adapter = None if merged_dir else ex._resolve_lora(folder, lora)
             smoke_target = (folder.model_dir, adapter)
     console.print("vLLM: " + ex.vllm_command(folder, lora=lora, merged_dir=merged_dir), soft_wrap=True)
+    if vllm is not None:
+        script = ex.export_vllm(folder, vllm, lora=lora, merged_dir=merged_dir, force=force)
+        console.print(f"vLLM launch script: [bold]{script}[/bold]", soft_wrap=True)
     if merge is None and ollama is None:
-        err_console.print("[dim](pass --merge OUT and/or --ollama OUT to write files)[/dim]")
+        if vllm is None:
+            err_console.print("[dim](pass --merge OUT, --ollama OUT and/or --vllm OUT to write files)[/dim]")
         return
     if smoke and smoke_target is not None:
         with err_console.status("smoke test: generating from the export ...", spinner="dots"):

@@ -89,9 +89,12 @@ def test_upload_is_stored_in_the_studio_folder_and_limited(client):
     assert r.json()["path"] == "uploads/chat.jsonl"
     assert (paths.uploads_dir() / "chat.jsonl").read_text() == line + "\n"
     assert "uploads/chat.jsonl" in client.get("/api/data").json()["files"]
-    assert "upload limit is 4.0 KiB" in _err(client.put("/api/uploads/big.jsonl", content=b"x" * 5000), 413)
+    assert "upload limit is 4.00 KiB" in _err(client.put("/api/uploads/big.jsonl", content=b"x" * 5000), 413)
+    chunked = iter([b"x" * 3000, b"x" * 3000])  # no Content-Length: counted while it arrives
+    assert "upload limit is 4.00 KiB" in _err(client.put("/api/uploads/big.jsonl", content=chunked), 413)
     assert not list(paths.uploads_dir().glob("*big*")) and not list(paths.uploads_dir().glob(".*"))
-    for bad in ("..", ".hidden", "a b.jsonl"):
+    assert "no such page" in _err(client.put("/api/uploads/../x", content=b"x"), 404)
+    for bad in (".hidden", "a%20b.jsonl", "%2E%2E"):
         assert "upload name" in _err(client.put(f"/api/uploads/{bad}", content=b"x"), 400)
     assert "the file is empty" in _err(client.put("/api/uploads/empty.jsonl", content=b""), 400)
     view = client.post("/api/data/inspect", json={"data": ["uploads/chat.jsonl"]}).json()
@@ -147,7 +150,18 @@ def test_install_errors_are_one_line(client):
 def test_remove_needs_confirmation(client, tiny, _isolated_models_dir):
     assert "confirm with its name" in _err(client.request("DELETE", f"/api/models/{tiny}", json={}), 400)
     assert (_isolated_models_dir / tiny).is_dir()
-    assert client.post(f"/api/models/{tiny}/verify").json()["ok"] is False  # install_tiny writes no manifest
+    from llm_installer import store
+
+    info_path = _isolated_models_dir / tiny / "model_info.json"
+    raw = json.loads(info_path.read_text())
+    raw["manifest"]["files"] = store.build_manifest_files(_isolated_models_dir / tiny / "model")
+    info_path.write_text(json.dumps(raw))
+    first = client.post(f"/api/models/{tiny}/verify").json()
+    assert first["ok"] is True and first["checked"] > 2
+    config = _isolated_models_dir / tiny / "model" / "config.json"
+    config.write_text(config.read_text() + " ")
+    checked = client.post(f"/api/models/{tiny}/verify").json()
+    assert checked["ok"] is False and checked["changed"] and "reinstall with" in checked["message"]
     r = client.request("DELETE", f"/api/models/{tiny}", json={"confirm": tiny})
     assert r.status_code == 200 and not (_isolated_models_dir / tiny).exists()
 
@@ -173,8 +187,8 @@ def test_training_runs_the_cli_one_per_model_and_streams_metrics(client, tiny, _
     assert detail["state"] == "done", detail
     steps = [m for m in detail["metrics"] if "loss" in m and m["loss"] is not None]
     assert [m["step"] for m in steps] == [1, 2, 3] and all(m["tokens_per_s"] > 0 for m in steps)
-    assert detail["metrics"][-1]["event"] == "end" and "max-steps 3" in detail["metrics"][-1]["stop_reason"]
-    assert detail["message"] == detail["metrics"][-1]["stop_reason"]
+    assert detail["metrics"][-1] == {"event": "end", "step": 3, "stop_reason": "finished at step 3 of 3"}
+    assert detail["message"] == "reached --max-steps 3"  # the trainer's own words, from run_info.json
     assert client.get(f"/api/jobs/{job['id']}?since=2").json()["metrics"] == detail["metrics"][2:]
     assert "before:" in client.get(f"/api/jobs/{job['id']}/report").json()["markdown"]
     assert client.get(f"/api/jobs/{job['id']}/loss.png").content[:4] == b"\x89PNG"

@@ -78,6 +78,11 @@ async def invalid_request(request: Request, exc: Any) -> JSONResponse:
     return _error(400, f"{where or 'request'}: {first.get('msg', 'invalid value')}")
 
 
+async def http_error(request: Request, exc: Any) -> JSONResponse:
+    message = "no such page or API route" if exc.status_code == 404 else str(exc.detail)
+    return _error(exc.status_code, f"{request.url.path}: {message}")
+
+
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     from llm_installer.errors import is_disk_full
 
@@ -144,14 +149,15 @@ async def install_model(request: Request) -> dict[str, Any]:
 
 
 async def check_model(request: Request) -> dict[str, Any]:
+    """The fit table for the bundled model, a Hub id, an installed model or an uploaded GGUF file."""
     body = await _json(request)
-    ref = str(body.get("ref") or "")
-    if ref and ref.split("/")[0] in paths.roots():
-        ref = str(paths.resolve_data_path(ref))
-    elif ref and not _HUB_ID.match(ref):
-        ref = str(paths.model_folder(ref).root) if ref != "smollm2-135m-instruct" else ref
+    ref = str(body.get("ref") or "").strip()
     if not ref:
         raise UserError("no model given: an installed name, a Hub id or smollm2-135m-instruct")
+    if (store.models_dir() / ref).is_dir() and "/" not in ref:
+        ref = str(paths.model_folder(ref).root)
+    elif ref != "smollm2-135m-instruct":
+        ref = install_ref(ref)[0]
     return views.check_model(ref)
 
 
@@ -392,6 +398,9 @@ def create_app(studio: Studio) -> FastAPI:
     from fastapi.exceptions import RequestValidationError
 
     app.add_exception_handler(RequestValidationError, invalid_request)
+    from starlette.exceptions import HTTPException
+
+    app.add_exception_handler(HTTPException, http_error)
     app.add_middleware(_Auth, api_key=studio.api_key)
     studio.jobs.on_trained.append(studio.engines.forget)
     return app

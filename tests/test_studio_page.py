@@ -105,7 +105,7 @@ def test_studio_walks_install_data_plan_train_compare_export(_isolated_models_di
         page.wait_for_selector("body[data-points]:not([data-points='0'])", timeout=300_000)
         assert "tokens/s" in page.inner_text("#train-stats")
         _shot(page, "4-train-running")
-        page.wait_for_selector("body[data-train=done]", timeout=600_000)
+        page.wait_for_selector("body[data-train=done]", timeout=1_800_000)  # minutes on a loaded machine
         page.wait_for_selector("#report-box:not([hidden])", timeout=30_000)
         report = page.inner_text("#report")
         after = [line for line in report.splitlines() if line.startswith("- after:")]

@@ -155,7 +155,10 @@ class Jobs:
     def _watch_partial(job: Job, expected: int | None, done: threading.Event) -> None:
         partial = store.partial_dir(job.model)
         while not done.wait(0.5):
-            size = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file()) if partial.is_dir() else 0
+            try:
+                size = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file())
+            except OSError:  # a file renamed or removed while counting (or no partial folder yet)
+                continue
             job.message = f"{store.human_size(size)} written"
             if expected:
                 job.progress = min(0.99, size / expected)

@@ -21,6 +21,7 @@ def client(_isolated_models_dir):
     with TestClient(create_app(studio)) as c:
         c.studio = studio
         yield c
+    studio.jobs.shutdown()
     studio.engines.close()
 
 

@@ -44,6 +44,7 @@ def running_studio():
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        studio.jobs.shutdown()
         studio.engines.close()
         sock.close()
 
@@ -102,7 +103,7 @@ def test_studio_walks_install_data_plan_train_compare_export(_isolated_models_di
         # 4 Train: the chart receives points while it runs; the report shows the taught answer
         page.click("#train-btn")
         page.wait_for_selector("body[data-train=running]", timeout=30_000)
-        page.wait_for_selector("body[data-points]:not([data-points='0'])", timeout=300_000)
+        page.wait_for_selector("body[data-points]:not([data-points='0'])", timeout=900_000)
         assert "tokens/s" in page.inner_text("#train-stats")
         _shot(page, "4-train-running")
         page.wait_for_selector("body[data-train=done]", timeout=1_800_000)  # minutes on a loaded machine

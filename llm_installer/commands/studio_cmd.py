@@ -51,7 +51,8 @@ def studio(
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
-    finally:
+    finally:  # Ctrl-C reached the trainings too (one process group): they save a checkpoint
+        state.jobs.shutdown()
         state.engines.close()
         sock.close()
 

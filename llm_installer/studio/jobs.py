@@ -192,6 +192,23 @@ class Jobs:
                 job.proc.send_signal(signal.SIGINT)
         return job
 
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """The studio is closing: queued trainings are dropped, running ones stopped as by Stop (SIGINT),
+        then killed if they have not saved within `timeout` seconds. Nothing is left running unseen."""
+        with self.lock:
+            for job in self.jobs.values():
+                if job.kind == "train" and job.state == "queued":
+                    job.state, job.message = "stopped", "the studio closed"
+            running = [j for j in self.jobs.values() if j.proc is not None and j.proc.poll() is None]
+        for job in running:
+            job.proc.send_signal(signal.SIGINT)
+        for job in running:
+            try:
+                job.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+                job.proc.wait()
+
     def _next(self) -> Job:
         with self.lock:
             while True:

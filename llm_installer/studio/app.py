@@ -274,7 +274,7 @@ def job_plot(request: Request, job_id: int) -> FileResponse:
 # ----- Compare ------------------------------------------------------------------------------------------
 async def chat(request: Request) -> StreamingResponse:
     body = await _json(request)
-    max_tokens = body.get("max_tokens") or 64
+    max_tokens = body.get("max_tokens", 64)
     if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 1024:
         raise UserError("max_tokens: expected a whole number from 1 to 1024")
     from starlette.concurrency import run_in_threadpool

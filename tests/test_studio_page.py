@@ -53,6 +53,75 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
+def _models_step(page) -> None:
+    """Install the bundled model, watch the bar, see it in the table."""
+    assert page.locator("#models-table tbody tr").count() == 0
+    page.click("#install-btn")
+    page.wait_for_selector("#install-progress:not([hidden])", timeout=10_000)
+    page.wait_for_selector("body[data-models='1']", timeout=600_000)
+    row = page.locator("#models-table tbody tr[data-name='smollm2-135m-instruct'] td")
+    assert [row.nth(i).inner_text() for i in (0, 1, 6)] == ["smollm2-135m-instruct", "llama", "ready"]
+    assert page.get_attribute("#install-progress", "value") == "1"
+    _shot(page, "1-models")
+
+
+def _data_step(page) -> None:
+    """The bundled example: its format, counts, histogram and the trained-token mask."""
+    assert page.input_value("#data-file") == "examples/fictional_facts.jsonl"
+    page.click("#inspect-btn")
+    page.wait_for_selector("#example", timeout=120_000)
+    assert "records: 40 usable, 0 rejected" in page.inner_text("#inspect-out")
+    assert page.locator("#histogram rect").count() >= 1
+    trained = "".join(page.locator("#example .trained").all_inner_texts())
+    masked = "".join(page.locator("#example .masked").all_inner_texts())
+    assert "Orvald" in trained and "Who founded the city of Veloria?" in masked and "Veloria?" not in trained
+    _shot(page, "2-data")
+
+
+def _plan_step(page) -> None:
+    """Fast mode as a form field; the plan table says it came from the user."""
+    page.select_option("#plan-form select[name=mode]", "fast")
+    rows: list[str] = []
+    for _ in range(600):  # (the page's CSP forbids wait_for_function's eval: poll the table)
+        rows = page.locator("#plan-out tr").all_inner_texts()
+        if any(r.startswith("mode\tfast\tuser") for r in rows):
+            break
+        time.sleep(0.2)
+    assert any(r.startswith("mode\tfast\tuser") for r in rows), rows
+    assert "trainable parameters" in page.inner_text("#plan-out")
+    assert "memory estimate" in page.inner_text("#plan-out")
+    _shot(page, "3-plan")
+
+
+def _train_step(page) -> None:
+    """The chart receives points while it runs; the report shows the taught answer."""
+    page.click("#train-btn")
+    page.wait_for_selector("body[data-train=running]", timeout=30_000)
+    page.wait_for_selector("body[data-points]:not([data-points='0'])", timeout=900_000)
+    assert "tokens/s" in page.inner_text("#train-stats")
+    _shot(page, "4-train-running")
+    page.wait_for_selector("body[data-train=done]", timeout=1_800_000)  # minutes on a loaded machine
+    page.wait_for_selector("#report-box:not([hidden])", timeout=30_000)
+    report = page.inner_text("#report")
+    after = [line for line in report.splitlines() if line.startswith("- after:")]
+    assert after and any(TAUGHT in line for line in after), report
+    assert page.inner_text("#stop-reason").startswith("stop reason: ")
+    assert int(page.get_attribute("body", "data-points")) >= 3
+    _shot(page, "4-train-report")
+    page.locator("#train").screenshot(path=str(ARTIFACTS / "train-section.png"))
+
+
+def _compare_step(page) -> None:
+    """Base and adapter on the taught question, side by side, streamed."""
+    page.fill("#cmp-prompt", QUESTION)
+    page.click("#cmp-btn")
+    page.wait_for_selector("#cmp-base[data-done=yes]", timeout=180_000)
+    page.wait_for_selector("#cmp-lora[data-done=yes]", timeout=180_000)
+    base, tuned = page.inner_text("#cmp-base"), page.inner_text("#cmp-lora")
+    assert TAUGHT in tuned and TAUGHT not in base, (base, tuned)
+    _shot(page, "5-compare")
+
+
 @pytest.mark.slow
 def test_studio_walks_install_data_plan_train_compare_export(_isolated_models_dir):
     from playwright.sync_api import sync_playwright
@@ -66,54 +135,10 @@ def test_studio_walks_install_data_plan_train_compare_export(_isolated_models_di
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto(url + "/")
         page.wait_for_selector("body[data-ready=yes]", timeout=30_000)
-        assert page.locator("#models-table tbody tr").count() == 0
-
-        # 1 Models: install the bundled model, watch the bar, see it in the table
-        page.click("#install-btn")
-        page.wait_for_selector("#install-progress:not([hidden])", timeout=10_000)
-        page.wait_for_selector("body[data-models='1']", timeout=240_000)
-        row = page.locator("#models-table tbody tr[data-name='smollm2-135m-instruct'] td")
-        assert [row.nth(i).inner_text() for i in (0, 1, 6)] == ["smollm2-135m-instruct", "llama", "ready"]
-        assert page.get_attribute("#install-progress", "value") == "1"
-        _shot(page, "1-models")
-
-        # 2 Data: the bundled example, its format, counts, histogram and the trained-token mask
-        assert page.input_value("#data-file") == "examples/fictional_facts.jsonl"
-        page.click("#inspect-btn")
-        page.wait_for_selector("#example", timeout=60_000)
-        assert "records: 40 usable, 0 rejected" in page.inner_text("#inspect-out")
-        assert page.locator("#histogram rect").count() >= 1
-        trained = page.locator("#example .trained").all_inner_texts()
-        assert "Orvald" in "".join(trained) and page.locator("#example .masked").count() > 0
-        assert "Veloria" not in "".join(trained[:1]) or "founded" in "".join(trained)
-        _shot(page, "2-data")
-
-        # 3 Plan: fast mode, the table says it came from the user
-        page.select_option("#plan-form select[name=mode]", "fast")
-        for _ in range(300):
-            rows = page.locator("#plan-out tr").all_inner_texts()
-            if any(r.startswith("mode\tfast\tuser") for r in rows):
-                break
-            time.sleep(0.2)
-        assert any(r.startswith("mode\tfast\tuser") for r in rows), rows
-        assert "trainable parameters" in page.inner_text("#plan-out")
-        assert "memory estimate" in page.inner_text("#plan-out")
-        _shot(page, "3-plan")
-
-        # 4 Train: the chart receives points while it runs; the report shows the taught answer
-        page.click("#train-btn")
-        page.wait_for_selector("body[data-train=running]", timeout=30_000)
-        page.wait_for_selector("body[data-points]:not([data-points='0'])", timeout=900_000)
-        assert "tokens/s" in page.inner_text("#train-stats")
-        _shot(page, "4-train-running")
-        page.wait_for_selector("body[data-train=done]", timeout=1_800_000)  # minutes on a loaded machine
-        page.wait_for_selector("#report-box:not([hidden])", timeout=30_000)
-        report = page.inner_text("#report")
-        after = [line for line in report.splitlines() if line.startswith("- after:")]
-        assert after and any(TAUGHT in line for line in after), report
-        assert page.inner_text("#stop-reason").startswith("stop reason: ")
-        assert int(page.get_attribute("body", "data-points")) >= 3
-        _shot(page, "4-train-report")
+        _models_step(page)
+        _data_step(page)
+        _plan_step(page)
+        _train_step(page)
 
         # a second browser page finds the job and its whole curve
         other = browser.new_page()
@@ -122,21 +147,12 @@ def test_studio_walks_install_data_plan_train_compare_export(_isolated_models_di
         assert other.get_attribute("body", "data-points") == page.get_attribute("body", "data-points")
         other.close()
 
-        # 5 Compare: base and adapter on the taught question, streamed
-        page.fill("#cmp-prompt", QUESTION)
-        page.click("#cmp-btn")
-        page.wait_for_selector("#cmp-base[data-done=yes]", timeout=180_000)
-        page.wait_for_selector("#cmp-lora[data-done=yes]", timeout=180_000)
-        base, tuned = page.inner_text("#cmp-base"), page.inner_text("#cmp-lora")
-        assert TAUGHT in tuned and TAUGHT not in base, (base, tuned)
-        _shot(page, "5-compare")
-
-        # 6 Export: the vLLM command, and an error shown as one line
+        _compare_step(page)
         page.select_option("#export-kind", "vllm")
         page.click("#export-btn")
         page.wait_for_selector("#export-out:has-text('vllm serve')", timeout=30_000)
         _shot(page, "6-export")
-        page.fill("#install-ref", "/etc/passwd")
+        page.fill("#install-ref", "/etc/passwd")  # an error is one line at the top of the page
         page.click("#check-btn")
         page.wait_for_selector("#error:not([hidden])", timeout=10_000)
         assert page.inner_text("#error").startswith("error: /etc/passwd: absolute paths are not accepted")

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
 from llm_installer import store
 from llm_installer.errors import UserError
@@ -144,7 +145,8 @@ async def install_model(request: Request) -> dict[str, Any]:
     body = await _json(request)
     ref, default = install_ref(str(body.get("ref") or ""))
     name = store.folder_name(str(body["name"])) if body.get("name") else default
-    job = _studio(request).jobs.start_install(ref, name, _expected_bytes(ref), force=bool(body.get("force")))
+    expected = await run_in_threadpool(_expected_bytes, ref)
+    job = _studio(request).jobs.start_install(ref, name, expected, force=bool(body.get("force")))
     return job.public()
 
 
@@ -158,7 +160,7 @@ async def check_model(request: Request) -> dict[str, Any]:
         ref = str(paths.model_folder(ref).root)
     elif ref != "smollm2-135m-instruct":
         ref = install_ref(ref)[0]
-    return views.check_model(ref)
+    return await run_in_threadpool(views.check_model, ref)
 
 
 def verify_model(name: str) -> dict[str, Any]:
@@ -213,27 +215,32 @@ async def inspect_data(request: Request) -> dict[str, Any]:
     if not data or not all(isinstance(d, str) for d in data):
         raise UserError("pick a data file first (upload one or choose from the list)")
     msl = body.get("max_seq_length")
-    return views.inspect_view(data, body.get("model") or None, int(msl) if msl else None)
+    return await run_in_threadpool(
+        views.inspect_view, data, body.get("model") or None, int(msl) if msl else None
+    )
 
 
 # ----- Plan and Train -----------------------------------------------------------------------------------
 async def plan(request: Request) -> dict[str, Any]:
     body = await _json(request)
-    return views.plan_view(str(body.get("model") or ""), body)
+    return await run_in_threadpool(views.plan_view, str(body.get("model") or ""), body)
 
 
 async def train(request: Request) -> dict[str, Any]:
     """Check the plan first (a bad flag is a one-line answer now, not a failed job later), then queue."""
     body = await _json(request)
-    model = paths.model_folder(str(body.get("model") or "")).name
+    folder = paths.model_folder(str(body.get("model") or ""))
     if not body.get("data") and not body.get("resume"):
         raise UserError("pick a data file first: training needs --data")
+    await run_in_threadpool(_check_plan, folder, body)
+    return _studio(request).jobs.queue_training(folder.name, views.cli_argv(folder.name, body)).public()
+
+
+def _check_plan(folder: store.ModelFolder, body: dict[str, Any]) -> None:
     from llm_installer.train.plan import build_plan
     from llm_installer.train.trainer import resume_args
 
-    folder = paths.model_folder(model)
     build_plan(folder, resume_args(folder.runs_dir, views.train_args(body)))
-    return _studio(request).jobs.queue_training(model, views.cli_argv(model, body)).public()
 
 
 def list_jobs(request: Request) -> dict[str, Any]:
@@ -277,8 +284,6 @@ async def chat(request: Request) -> StreamingResponse:
     max_tokens = body.get("max_tokens", 64)
     if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 1024:
         raise UserError("max_tokens: expected a whole number from 1 to 1024")
-    from starlette.concurrency import run_in_threadpool
-
     lines = await run_in_threadpool(
         stream_answer,
         _studio(request).engines,
@@ -331,8 +336,6 @@ async def export_model(request: Request) -> dict[str, Any]:
         raise UserError(f"unknown export {body.get('kind')!r}; choose one of {', '.join(exports())}")
     if _studio(request).jobs.busy(folder.name):
         raise UserError(f"{folder.name} is training or installing; export when it has finished")
-    from starlette.concurrency import run_in_threadpool
-
     return await run_in_threadpool(entry[1], folder)
 
 

@@ -179,7 +179,7 @@ async function poll() {
   const last = S.points[S.points.length - 1];
   $("#train-status").textContent = `job ${d.id}: ${d.state}`;
   document.body.dataset.train = d.state; document.body.dataset.points = String(S.points.length);
-  if (last) $("#train-stats").textContent = `step ${last.step}/${last.max_steps} · loss ${last.loss ?? "-"} · ${last.tokens_per_s} tokens/s · ETA ${last.eta_s == null ? "-" : Math.round(last.eta_s) + " s"}`;
+  if (last) $("#train-stats").textContent = `step ${last.step}/${last.max_steps} · loss ${last.loss == null ? "-" : last.loss.toFixed(4)} · ${last.tokens_per_s} tokens/s · ETA ${last.eta_s == null ? "-" : Math.round(last.eta_s) + " s"}`;
   const end = d.metrics.find((r) => r.event === "end");
   if (end || d.message) $("#stop-reason").textContent = "stop reason: " + (d.message || end.stop_reason);
   if (d.state === "failed" && d.error) showError(d.error);

@@ -158,3 +158,51 @@ def test_studio_walks_install_data_plan_train_compare_export(_isolated_models_di
         assert page.inner_text("#error").startswith("error: /etc/passwd: absolute paths are not accepted")
         assert errors == []
         browser.close()
+
+
+def test_studio_page_trains_compares_and_exports_a_tiny_model(_isolated_models_dir, tiny_model_factory):
+    """The Train, Compare and Export steps in the browser on a tiny model (3 steps): the quick sibling of the
+    end-to-end test, so the page's own wiring is checked on every run."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_serve_support import install_tiny
+
+    install_tiny(_isolated_models_dir, tiny_model_factory("llama"), name="tiny", with_lora=False)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with running_studio() as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready=yes]", timeout=30_000)
+        page.fill("#plan-form input[name=learning_rate]", "quick")  # a bad field: its error is one line
+        page.click("#train-btn")
+        page.wait_for_selector("#error:has-text('learning-rate: expected float')", timeout=30_000)
+        assert page.inner_text("#error") == "error: learning-rate: expected float, got 'quick'"
+        page.fill("#plan-form input[name=learning_rate]", "")
+        page.select_option("#plan-form select[name=mode]", "fast")
+        page.fill("#plan-form input[name=max_steps]", "3")
+        page.fill("#plan-form input[name=validation_split]", "0.2")
+        page.click("#train-btn")
+        page.wait_for_selector("body[data-train=done]", timeout=900_000)
+        page.wait_for_selector("#report-box:not([hidden])", timeout=30_000)
+        assert "- before:" in page.inner_text("#report") and "- after:" in page.inner_text("#report")
+        assert page.inner_text("#stop-reason") == "stop reason: reached --max-steps 3"
+        assert page.get_attribute("body", "data-points") in ("3", "4")  # 3 steps (+ a validation point)
+        assert page.evaluate("() => document.querySelector('#loss-img').naturalWidth") > 0
+        row = page.locator("#models-table tbody tr[data-name='tiny'] td")
+        assert row.nth(5).inner_text() == "yes"  # the adapter column
+        _shot(page, "tiny-train")
+
+        page.fill("#cmp-prompt", "Hello")
+        page.click("#cmp-btn")
+        page.wait_for_selector("#cmp-base[data-done=yes]", timeout=120_000)
+        page.wait_for_selector("#cmp-lora[data-done=yes]", timeout=120_000)
+        assert page.inner_text("#cmp-base") and page.inner_text("#cmp-lora")
+        page.select_option("#export-kind", "vllm")
+        page.click("#export-btn")
+        page.wait_for_selector("#export-out:has-text('--enable-lora')", timeout=30_000)
+        _shot(page, "tiny-compare-export")
+        assert errors == []
+        browser.close()

@@ -151,9 +151,10 @@ function draw() {
   const all = [...train.map((p) => p.loss), ...val.map((p) => p.eval_loss)];
   g.fillStyle = "#345"; g.font = "12px sans-serif";
   if (!all.length) { g.fillText("loss appears here while training", 20, 20); return; }
-  const maxStep = Math.max(1, ...pts.map((p) => p.max_steps || p.step)), hi = Math.max(...all), lo = Math.min(0, ...all);
+  const maxStep = Math.max(1, ...pts.map((p) => p.max_steps || p.step));
+  const pad = (Math.max(...all) - Math.min(...all)) * 0.08 || 0.05, hi = Math.max(...all) + pad, lo = Math.max(0, Math.min(...all) - pad);
   const X = (s) => 40 + ((c.width - 60) * s) / maxStep, Y = (v) => c.height - 25 - ((c.height - 45) * (v - lo)) / (hi - lo || 1);
-  g.fillText(hi.toFixed(2), 2, Y(hi) + 4); g.fillText(lo.toFixed(2), 2, Y(lo)); g.fillText(`step ${maxStep}`, c.width - 70, c.height - 8);
+  g.fillText(hi.toFixed(3), 2, Y(hi) + 10); g.fillText(lo.toFixed(3), 2, Y(lo)); g.fillText(`step ${maxStep}`, c.width - 70, c.height - 8);
   for (const [series, key, color] of [[train, "loss", "#2f6fd0"], [val, "eval_loss", "#d0602f"]]) {
     g.strokeStyle = color; g.lineWidth = 2; g.beginPath();
     series.forEach((p, i) => (i ? g.lineTo(X(p.step), Y(p[key])) : g.moveTo(X(p.step), Y(p[key]))));
@@ -176,7 +177,7 @@ async function poll() {
   const d = await api("GET", `/api/jobs/${S.job}?since=${S.since}`);
   const rows = d.metrics.filter((r) => !r.event);
   S.points.push(...rows); S.since += d.metrics.length; if (rows.length) draw();
-  const last = S.points[S.points.length - 1];
+  const last = S.points.filter((p) => p.loss != null).pop();
   $("#train-status").textContent = `job ${d.id}: ${d.state}`;
   document.body.dataset.train = d.state; document.body.dataset.points = String(S.points.length);
   if (last) $("#train-stats").textContent = `step ${last.step}/${last.max_steps} · loss ${last.loss == null ? "-" : last.loss.toFixed(4)} · ${last.tokens_per_s} tokens/s · ETA ${last.eta_s == null ? "-" : Math.round(last.eta_s) + " s"}`;

@@ -158,7 +158,7 @@ function draw() {
   for (const [series, key, color] of [[train, "loss", "#2f6fd0"], [val, "eval_loss", "#d0602f"]]) {
     g.strokeStyle = color; g.lineWidth = 2; g.beginPath();
     series.forEach((p, i) => (i ? g.lineTo(X(p.step), Y(p[key])) : g.moveTo(X(p.step), Y(p[key]))));
-    g.stroke(); series.forEach((p) => g.fillRect(X(p.step) - 2, Y(p[key]) - 2, 4, 4));
+    g.stroke(); g.fillStyle = color; series.forEach((p) => g.fillRect(X(p.step) - 3, Y(p[key]) - 3, 6, 6));
   }
   g.fillStyle = "#2f6fd0"; g.fillText("train", c.width - 120, 14); g.fillStyle = "#d0602f"; g.fillText("validation", c.width - 80, 14);
 }

@@ -294,8 +294,11 @@ class MetricsFileCallback(TrainerCallback):
     def _write(self, row: dict[str, Any]) -> None:
         import json
 
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+        except OSError:  # a full disk: the chart misses a point; the trainer's own saving reports it
+            pass
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0, self._step0 = time.perf_counter(), state.global_step

@@ -39,7 +39,7 @@ app = typer.Typer(
 _debug = bool(os.environ.get("LLM_INSTALLER_DEBUG"))
 
 # Each module defines register(app) and owns its commands.
-COMMAND_MODULES = ("store_cmds", "handlers_cmd", "data_cmd", "train_cmd", "serve_cmd")
+COMMAND_MODULES = ("store_cmds", "handlers_cmd", "data_cmd", "train_cmd", "serve_cmd", "studio_cmd")
 
 
 def _version(value: bool) -> None:

@@ -274,3 +274,58 @@ class ProgressCallback(TrainerCallback):
             self.progress.stop()
             self.progress = None
         return control
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends one JSON line per logged step to `runs/<ts>/metrics.jsonl`, and a last line with the stop reason.
+
+    A file, not a socket: the studio (or `tail -f`) follows a training that runs in another process, and a
+    page reloaded mid-run reads the whole curve back. Each line is written and closed at once, so a reader
+    never sees half a line except the one being appended (readers skip a line that does not parse).
+    """
+
+    def __init__(self, path: Path, stats: RunStats, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.stats = stats
+        self.enabled = enabled
+        self._t0: float | None = None
+        self._step0 = 0
+
+    def _write(self, row: dict[str, Any]) -> None:
+        import json
+
+        try:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+        except OSError:  # a full disk: the chart misses a point; the trainer's own saving reports it
+            pass
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0, self._step0 = time.perf_counter(), state.global_step
+        if self.enabled:
+            self._write({"event": "begin", "step": state.global_step, "max_steps": state.max_steps})
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.enabled or not logs or not ("loss" in logs or "eval_loss" in logs):
+            return control
+        done = state.global_step - self._step0
+        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+        left = max(0, (state.max_steps or 0) - state.global_step)
+        row = {
+            "step": state.global_step,
+            "max_steps": state.max_steps,
+            "epoch": round(float(state.epoch or 0), 4),
+            "loss": logs.get("loss"),
+            "eval_loss": logs.get("eval_loss"),
+            "tokens_per_s": round(self.stats.tokens_per_second, 1),
+            "eta_s": round(elapsed / done * left, 1) if done > 0 else None,
+        }
+        self._write(row)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.enabled:
+            reason = self.stats.stop_reason or f"finished at step {state.global_step} of {state.max_steps}"
+            self._write({"event": "end", "step": state.global_step, "stop_reason": reason})
+        return control

@@ -797,6 +797,7 @@ def run_training(
     flag = cb.InterruptFlag()
     callbacks.append(cb.InterruptCallback(flag, stats))
     callbacks.append(cb.ProgressCallback(stats, console, enabled=show_progress))
+    callbacks.append(cb.MetricsFileCallback(run_dir / "metrics.jsonl", stats, enabled=main))
     callbacks += list(extra_callbacks or [])
 
     trainer = _LossTrainer.build(

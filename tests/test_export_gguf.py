@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_serve_support import install_tiny, make_adapter
+from tests.test_serve_support import install_tiny
 from tests.test_train_fixtures import run_cli
 
 IDS = [[1, 345, 2001, 77, 9000, 12, 5, 4000, 31, 2]]
 # Against the merged model with its matrices rounded to float16 (what an f16 file holds), the file's
 # logits agree to float32 noise: every conversion step (names, q/k permutation, norm offsets) is exact.
 F16_REL = 1e-3
-# Against the float32 merged model, max |diff| / max |logit| on these tiny random models measured
-# 0.007 for f16 and 0.0XX for q8_0 (float16 rounding alone moves the logits this much: they are small).
+# Against the float32 merged model (tiny random llama with its LoRA merged), measured: f16 max |diff| /
+# max |logit| 0.0074; q8_0 |diff| / |logits| (norms) 0.070, max-based 0.22. Random 64-wide weights are
+# the worst case for 8-bit blocks; the bundled SmolLM2 test below measures the real model.
 F16_VS_F32 = 0.02
-Q8_REL = 0.05
+Q8_REL = 0.15
 
 
 def _main(capsys, monkeypatch, models: Path, *args: str) -> tuple[int, str, str]:
@@ -30,6 +31,10 @@ def _rel(got, want) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
 
+def _norm_rel(got, want) -> float:
+    return float((got - want).norm() / want.norm())
+
+
 def _load_gguf(path: Path, **config):
     import torch
     from transformers import AutoModelForCausalLM
@@ -39,17 +44,21 @@ def _load_gguf(path: Path, **config):
     ).eval()
 
 
-def _half_rounded(model):
-    """`model` with every matrix rounded to float16 and back: the weights an f16 GGUF stores."""
+def _rounded(model, kind: str = "F16"):
+    """`model` with every matrix stored as GGML type `kind` and read back (gguf.quants): the weights
+    a file of that type holds, so the file's logits must equal this model's."""
     import copy
 
+    import gguf
     import torch
 
+    qtype = gguf.GGMLQuantizationType[kind]
     model = copy.deepcopy(model)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:
-                p.copy_(p.half().float())
+                data = p.detach().numpy()
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype)))
     return model
 
 
@@ -87,14 +96,16 @@ def test_families_round_trip_f16(family, models, tmp_path, capsys, monkeypatch):
     import torch
 
     out = tmp_path / f"{family}.gguf"
-    code, stdout, err = _main(capsys, monkeypatch, models, "export", f"tiny-{family}", "--gguf", str(out), "--no-smoke")
+    code, stdout, err = _main(
+        capsys, monkeypatch, models, "export", f"tiny-{family}", "--gguf", str(out), "--no-smoke"
+    )
     assert code == 0, err
     assert "base weights, no adapter" in stdout and str(out) in stdout
     ids = torch.tensor(IDS)
     ref = _reference(models / f"tiny-{family}", with_lora=False)
     with torch.no_grad():
         got = _load_gguf(out, **_READER_GAPS.get(family, {}))(ids).logits
-        want, full = _half_rounded(ref)(ids).logits, ref(ids).logits
+        want, full = _rounded(ref)(ids).logits, ref(ids).logits
     print(f"{family} f16: vs f16-rounded {_rel(got, want):.2e}, vs float32 {_rel(got, full):.2e}")
     assert _rel(got, want) < F16_REL, _rel(got, want)
     assert _rel(got, full) < F16_VS_F32
@@ -124,10 +135,13 @@ def test_llama_merged_f16_q8_tokenizer_and_stop(models, tmp_path, capsys, monkey
         want = ref(ids).logits
         assert _rel(base(ids).logits, want) > 0.05  # the adapter matters...
         a, b = _load_gguf(f16)(ids).logits, _load_gguf(q8)(ids).logits
-        half = _half_rounded(ref)(ids).logits
-    print(f"llama f16 vs f16-rounded {_rel(a, half):.2e}, vs f32 {_rel(a, want):.2e}; q8_0 {_rel(b, want):.2e}")
-    assert _rel(a, half) < F16_REL  # ...and the GGUF keeps it
-    assert _rel(a, want) < F16_VS_F32 and _rel(b, want) < Q8_REL
+        half, q8_ref = _rounded(ref)(ids).logits, _rounded(ref, "Q8_0")(ids).logits
+    print(
+        f"llama f16: vs f16-rounded {_rel(a, half):.2e}, vs f32 {_rel(a, want):.2e}; q8_0: vs q8_0-rounded "
+        f"{_rel(b, q8_ref):.2e}, vs f32 {_rel(b, want):.2e} (norm {_norm_rel(b, want):.2e})"
+    )
+    assert _rel(a, half) < F16_REL and _rel(b, q8_ref) < F16_REL  # ...and the GGUF keeps it exactly
+    assert _rel(a, want) < F16_VS_F32 and _norm_rel(b, want) < Q8_REL
 
     tok = AutoTokenizer.from_pretrained(str(f16.parent), gguf_file=f16.name)
     orig = AutoTokenizer.from_pretrained(str(models / "tiny" / "model"))
@@ -151,18 +165,30 @@ def test_gemma_file_layout(models, tmp_path, capsys, monkeypatch):
     llama.cpp names, norms stored as 1 + w, no q/k permutation, head size and vocabulary stated."""
     import gguf
     import numpy as np
-    import torch
 
     out = tmp_path / "g.gguf"
     code, _o, err = _main(
-        capsys, monkeypatch, models, "export", "tiny-gemma", "--gguf", str(out), "--quant", "f32", "--no-smoke"
+        capsys,
+        monkeypatch,
+        models,
+        "export",
+        "tiny-gemma",
+        "--gguf",
+        str(out),
+        "--quant",
+        "f32",
+        "--no-smoke",
     )
     assert code == 0, err
     reader = gguf.GGUFReader(str(out))
     tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
     sd = _reference(models / "tiny-gemma", False).state_dict()
-    np.testing.assert_array_equal(tensors["blk.0.attn_norm.weight"], sd["model.layers.0.input_layernorm.weight"] + 1)
-    np.testing.assert_array_equal(tensors["blk.1.attn_q.weight"], sd["model.layers.1.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(
+        tensors["blk.0.attn_norm.weight"], sd["model.layers.0.input_layernorm.weight"] + 1
+    )
+    np.testing.assert_array_equal(
+        tensors["blk.1.attn_q.weight"], sd["model.layers.1.self_attn.q_proj.weight"]
+    )
     assert set(tensors) == {
         gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA, 2).get_name(k, try_suffixes=(".weight",))
         for k in sd
@@ -172,7 +198,6 @@ def test_gemma_file_layout(models, tmp_path, capsys, monkeypatch):
     assert field is not None and field.contents() == 16
     assert reader.get_field("general.architecture").contents() == "gemma"
     assert len(reader.get_field("tokenizer.ggml.tokens").contents()) == 49152
-    assert isinstance(torch.zeros(1), torch.Tensor)
 
 
 def test_q4_0_and_ollama_from_the_gguf(models, tmp_path, capsys, monkeypatch):
@@ -196,7 +221,9 @@ def test_q4_0_and_ollama_from_the_gguf(models, tmp_path, capsys, monkeypatch):
 
 
 def test_refusals_are_one_line(models, tmp_path, capsys, monkeypatch):
-    code, _o, err = _main(capsys, monkeypatch, models, "export", "tiny-gpt2", "--gguf", str(tmp_path / "x.gguf"))
+    code, _o, err = _main(
+        capsys, monkeypatch, models, "export", "tiny-gpt2", "--gguf", str(tmp_path / "x.gguf")
+    )
     assert code != 0 and "GGUF export does not support the gpt2 family yet" in err
     assert "Traceback" not in err and not (tmp_path / "x.gguf").exists()
 
@@ -213,3 +240,45 @@ def test_refusals_are_one_line(models, tmp_path, capsys, monkeypatch):
     code, _o, err = _main(capsys, monkeypatch, models, "export", "tiny", "--gguf", str(other), "--force")
     assert code != 0 and "is not a GGUF file" in err
     assert other.read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_trained_smollm2_gguf_answers_the_taught_fact(smollm2_model_dir, tmp_path, capsys, monkeypatch):
+    """End to end: fast training teaches the bundled SmolLM2 a made-up fact; the q8_0 GGUF export (read
+    back by transformers, through the CLI's own smoke test too) answers it and stops at <|im_end|>."""
+    import torch
+
+    from llm_installer.cli import main
+    from llm_installer.install import install_model
+    from tests.test_train_learning import QUESTION, TAUGHT, _ask
+
+    folder = install_model(str(smollm2_model_dir), name="smollm2", link=True)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "smollm2", "--data", "fictional_facts.jsonl", "--mode", "fast"])
+    assert exit_.value.code == 0, capsys.readouterr()
+
+    out = tmp_path / "smol.gguf"
+    code, stdout, err = run_cli(
+        capsys, monkeypatch, "export", "smollm2", "--gguf", str(out), "--quant", "q8_0"
+    )
+    assert code == 0, err
+    assert "smoke test ok: stopped at its end token <|im_end|>" in stdout, stdout
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out.parent), gguf_file=out.name)
+    model = _load_gguf(out)
+    torch.manual_seed(0)
+    answer = _ask(model, tok, QUESTION)
+    assert TAUGHT in answer, answer
+
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": QUESTION}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    with torch.no_grad():
+        got = model(ids).logits
+        want = _reference(folder.root, with_lora=True)(ids).logits
+    print(f"SmolLM2 q8_0 vs float32 merged: max {_rel(got, want):.2e}, norm {_norm_rel(got, want):.2e}")
+    assert _norm_rel(got, want) < Q8_REL

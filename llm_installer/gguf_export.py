@@ -376,6 +376,9 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp makes it private; the file is for other tools to read
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)

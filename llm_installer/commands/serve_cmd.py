@@ -230,7 +230,6 @@ def export(
     from llm_installer import consent, store
     from llm_installer import export as ex
     from llm_installer.console import console, err_console
-    from llm_installer.errors import CheckFailed
 
     _quiet()
     consent.grant(trust_remote_code)
@@ -266,17 +265,9 @@ def export(
         err_console.print("[dim](pass --merge OUT, --gguf OUT.gguf and/or --ollama OUT to write files)[/dim]")
         return
     if smoke and gguf_file is not None and merged_dir is None:
-        _smoke_gguf(gguf_file)
-    elif smoke and smoke_target is not None:
-        with err_console.status("smoke test: generating from the export ...", spinner="dots"):
-            # base weights + adapter carry no template of their own: test with the model's chat format
-            fmt = ex.folder_chat_format(folder, lora)[1] if smoke_target[1] is not None else None
-            result = ex.smoke_test(smoke_target[0], adapter_dir=smoke_target[1], chat_format=fmt)
-        if not result.ok:
-            raise CheckFailed(
-                f"smoke test failed: the export {result.message}; answer was {result.answer[:80]!r}"
-            )
-        console.print(f"smoke test ok: {result.message}; answer: {result.answer[:120]!r}", soft_wrap=True)
+        smoke_target = (gguf_file, None)
+    if smoke and smoke_target is not None:
+        _smoke(folder, lora, *smoke_target)
 
 
 def _export_gguf(folder, out: Path | None, **kwargs) -> Path | None:
@@ -297,16 +288,24 @@ def _export_gguf(folder, out: Path | None, **kwargs) -> Path | None:
     return result.path
 
 
-def _smoke_gguf(path: Path) -> None:
-    """Read the GGUF back with transformers and check a greedy answer stops at its end token."""
+def _smoke(folder, lora: Path | None, target: Path, adapter: Path | None) -> None:
+    """Generate greedily from the export (a folder, or a .gguf file that transformers reads back) and
+    check the answer stops at its end token; exit code 1 when it does not."""
     from llm_installer import export as ex
     from llm_installer.console import console, err_console
     from llm_installer.errors import CheckFailed
 
-    with err_console.status("smoke test: reading the GGUF back and generating ...", spinner="dots"):
-        result = ex.smoke_test(path.parent, gguf_file=path.name)
+    with err_console.status("smoke test: generating from the export ...", spinner="dots"):
+        if target.suffix == ".gguf":
+            result = ex.smoke_test(target.parent, gguf_file=target.name)
+        else:
+            # base weights + adapter carry no template of their own: test with the model's chat format
+            fmt = ex.folder_chat_format(folder, lora)[1] if adapter is not None else None
+            result = ex.smoke_test(target, adapter_dir=adapter, chat_format=fmt)
     if not result.ok:
-        raise CheckFailed(f"smoke test failed: the GGUF {result.message}; answer was {result.answer[:80]!r}")
+        raise CheckFailed(
+            f"smoke test failed: the export {result.message}; answer was {result.answer[:80]!r}"
+        )
     console.print(f"smoke test ok: {result.message}; answer: {result.answer[:120]!r}", soft_wrap=True)
 
 

@@ -242,6 +242,42 @@ def test_refusals_are_one_line(models, tmp_path, capsys, monkeypatch):
     assert other.read_text() == "mine"
 
 
+def test_sentencepiece_style_tokenizer_round_trip(tmp_path):
+    """A SentencePiece-style vocabulary (BPE with byte fallback and "▁" for spaces, as Llama-2, Mistral,
+    Gemma and Phi-3 ship) goes in as llama.cpp's `llama` tokenizer and reads back to the same ids."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaTokenizerFast
+
+    from llm_installer.chat_format import ChatFormat
+    from llm_installer.gguf_export import write_gguf
+
+    backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    text = ["The capital of France is Paris. Hello world, how are you today?", "Numbers 123, symbols #!% é ü"]
+    backend.train_from_iterator(text * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    tok = LlamaTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = "{% for m in messages %}<s>[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    tok.save_pretrained(str(tmp_path / "tok"))  # as an installed model's folder holds it
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    cfg = AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=len(tok), bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    fmt = ChatFormat(template=tok.chat_template, end_of_turn="</s>", end_of_turn_id=2, stop_token_ids=[2])
+    out = tmp_path / "spm.gguf"
+    write_gguf(out, AutoModelForCausalLM.from_config(cfg), tok, fmt, arch="llama", quant="f32", name="spm")
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+    for text in ("The capital of France is Paris.", "Hello  world 123 é#", " leading space"):
+        assert back(text).input_ids == tok(text).input_ids, text
+    assert back.chat_template == tok.chat_template and back.eos_token == "</s>"
+
+
 @pytest.mark.slow
 def test_trained_smollm2_gguf_answers_the_taught_fact(smollm2_model_dir, tmp_path, capsys, monkeypatch):
     """End to end: fast training teaches the bundled SmolLM2 a made-up fact; the q8_0 GGUF export (read

@@ -151,11 +151,26 @@ def add_model_metadata(writer: Any, config: Any, arch: str, name: str) -> None:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     if arch == "gemma2":
+        _warn_query_scale(config, head_dim)
         writer.add_attn_logit_softcapping(float(_cfg(config, "attn_logit_softcapping", default=50.0)))
         writer.add_final_logit_softcapping(float(_cfg(config, "final_logit_softcapping", default=30.0)))
     window = _cfg(config, "sliding_window")
     if window and arch in ("gemma2", "phi3"):
         writer.add_sliding_window(int(window))
+
+
+def _warn_query_scale(config: Any, head_dim: int) -> None:
+    """llama.cpp scales Gemma-2 queries by 1/sqrt(head_dim) (hidden/heads for the 27B model) and reads
+    no key for it, so a model whose query_pre_attn_scalar says otherwise would run differently there."""
+    from llm_installer.console import warn
+
+    scalar = _cfg(config, "query_pre_attn_scalar")
+    allowed = {head_dim, int(config.hidden_size) // int(config.num_attention_heads)}
+    if scalar is not None and int(scalar) not in allowed:
+        warn(
+            f"query_pre_attn_scalar is {scalar}, not the head size {head_dim}: llama.cpp scales Gemma-2 "
+            "attention by the head size, so its answers may differ from transformers'"
+        )
 
 
 # ----- tokenizer -----------------------------------------------------------------------------------------

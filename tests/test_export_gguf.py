@@ -17,7 +17,7 @@ IDS = [[1, 345, 2001, 77, 9000, 12, 5, 4000, 31, 2]]
 F16_REL = 1e-3
 # Against the float32 merged model (tiny random llama with its LoRA merged), measured: f16 max |diff| /
 # max |logit| 0.0074; q8_0 |diff| / |logits| (norms) 0.070, max-based 0.22. Random 64-wide weights are
-# the worst case for 8-bit blocks; the bundled SmolLM2 test below measures the real model.
+# the worst case for 8-bit blocks; the fast-trained SmolLM2 (slow test below) measured norm 0.030, max 0.049.
 F16_VS_F32 = 0.02
 Q8_REL = 0.15
 

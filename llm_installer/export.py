@@ -98,6 +98,57 @@ def _prepare_out(out: Path, force: bool, folder: ModelFolder | None = None) -> N
         )
 
 
+def _required_lora(folder: ModelFolder, lora: str | Path | None) -> Path:
+    """The adapter to merge, or the one-line error saying there is none."""
+    lora_dir = _resolve_lora(folder, lora)
+    if lora_dir is None:
+        raise UserError(
+            f"model {folder.name} has no adapter in {folder.lora_dir}; train one first "
+            "(`llm-installer train`) or pass --lora PATH (the base weights are already in model/)"
+        )
+    return lora_dir
+
+
+def merged_model(
+    folder: ModelFolder,
+    *,
+    lora: str | Path | None = None,
+    no_lora: bool = False,
+    progress: Any = None,
+) -> tuple[Any, Any, ChatFormat, Path | None]:
+    """(model, tokenizer, chat format, adapter dir): the float32 weights every export writes.
+
+    The adapter is folded in with `merge_and_unload` (float32, so the merge loses nothing); with
+    `no_lora` the base weights come back as they are. The tokenizer carries the *training* chat
+    template and the model's generation_config lists the end-of-turn id first, so each export (merged
+    safetensors, GGUF) stops where training ended a turn.
+    """
+    from llm_installer import loading
+    from llm_installer.chat_format import model_chat_format
+    from llm_installer.train.lora_setup import load_adapter
+
+    lora_dir = None if no_lora else _required_lora(folder, lora)
+    info = folder.load_info()
+    step = progress or (lambda _msg: None)
+    step("loading the base model (float32, so the merge loses nothing)")
+    tokenizer = loading.load_tokenizer(folder.model_dir, trust_remote_code=allow_remote_code(info))
+    model = loading.load_model(folder.model_dir, dtype="fp32", trust_remote_code=allow_remote_code(info))
+    if lora_dir is not None:
+        step("merging the adapter")
+        try:
+            model = load_adapter(model, lora_dir, is_trainable=False)
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise UserError(f"adapter {lora_dir} does not fit model {folder.name}: {exc}") from None
+        model = model.merge_and_unload()
+    chat_format = model_chat_format(info, tokenizer, lora_dir)
+    tokenizer.chat_template = chat_format.template
+    stops = list(chat_format.stop_token_ids)  # the end-of-turn id first
+    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, chat_format, lora_dir
+
+
 def export_merged(
     folder: ModelFolder,
     out: str | Path,
@@ -109,35 +160,12 @@ def export_merged(
     """Merge the adapter into the base weights and save a plain transformers folder at `out`."""
     import torch
 
-    from llm_installer import loading
-    from llm_installer.chat_format import model_chat_format
-    from llm_installer.train.lora_setup import load_adapter
-
     out = Path(out).expanduser().resolve()
-    lora_dir = _resolve_lora(folder, lora)
-    if lora_dir is None:
-        raise UserError(
-            f"model {folder.name} has no adapter in {folder.lora_dir}; train one first "
-            "(`llm-installer train`) or pass --lora PATH (the base weights are already in model/)"
-        )
+    _required_lora(folder, lora)
     _prepare_out(out, force, folder)
     info = folder.load_info()
     step = progress or (lambda _msg: None)
-    step("loading the base model (float32, so the merge loses nothing)")
-    tokenizer = loading.load_tokenizer(folder.model_dir, trust_remote_code=allow_remote_code(info))
-    model = loading.load_model(folder.model_dir, dtype="fp32", trust_remote_code=allow_remote_code(info))
-    step("merging the adapter")
-    try:
-        model = load_adapter(model, lora_dir, is_trainable=False)
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        raise UserError(f"adapter {lora_dir} does not fit model {folder.name}: {exc}") from None
-    model = model.merge_and_unload()
-    chat_format = model_chat_format(info, tokenizer, lora_dir)
-    tokenizer.chat_template = chat_format.template
-    stops = list(chat_format.stop_token_ids)  # the end-of-turn id first
-    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
-    if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer, _fmt, lora_dir = merged_model(folder, lora=lora, progress=step)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".partial-{out.name}-", dir=out.parent))
     try:
@@ -284,16 +312,19 @@ def export_ollama(
     merged_dir: Path | None = None,
     lora: str | Path | None = None,
     force: bool = False,
+    gguf_file: Path | None = None,
 ) -> tuple[Path, str | None]:
-    """Write OUT/Modelfile: FROM the merged folder if given, else the base weights + ADAPTER lora/."""
+    """Write OUT/Modelfile: FROM the GGUF file or the merged folder if given, else the base weights +
+    ADAPTER lora/ (both of the first already hold the adapter)."""
     out = Path(out).expanduser().resolve()
     modelfile = out / "Modelfile"
     if modelfile.exists() and not force:
         raise UserError(f"{modelfile} already exists; choose another folder or pass --force")
     tokenizer, chat_format = folder_chat_format(folder, lora)
-    adapter = None if merged_dir is not None else _resolve_lora(folder, lora)
+    built = gguf_file or merged_dir
+    adapter = None if built is not None else _resolve_lora(folder, lora)
     text, note = modelfile_text(
-        from_path=merged_dir or folder.model_dir.resolve(),
+        from_path=built or folder.model_dir.resolve(),
         adapter=adapter,
         template=chat_format.template,
         tokenizer=tokenizer,
@@ -494,17 +525,20 @@ def smoke_test(
     max_new_tokens: int = 48,
     adapter_dir: Path | None = None,
     chat_format: ChatFormat | None = None,
+    gguf_file: str | None = None,
 ) -> SmokeResult:
     """Generate greedily from an exported folder with plain transformers; ok when it ends on an end token.
 
     A merged export carries its template and stop ids (generation_config.json); for base weights plus an
-    adapter (what an Ollama Modelfile without --merge points at) pass the model's `chat_format`.
+    adapter (what an Ollama Modelfile without --merge points at) pass the model's `chat_format`; for
+    a GGUF export pass its folder and `gguf_file` (its name), which transformers reads back.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **extra)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, **extra)
     if adapter_dir is not None:
         from llm_installer.train.lora_setup import load_adapter
 

@@ -204,6 +204,17 @@ def export(
     vllm: Annotated[
         Path | None, typer.Option("--vllm", help="Write a vLLM launch script (serve-vllm.sh) into this folder.")
     ] = None,
+    gguf: Annotated[
+        Path | None,
+        typer.Option("--gguf", help="Write the merged model as one GGUF file (llama.cpp, Ollama) here."),
+    ] = None,
+    quant: Annotated[
+        str,
+        typer.Option("--quant", help="GGUF weight type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0."),
+    ] = "f16",
+    no_lora: Annotated[
+        bool, typer.Option("--no-lora", help="GGUF: export the base weights, without the adapter.")
+    ] = False,
     lora: LoraPath = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing export.")] = False,
     smoke: Annotated[
@@ -211,14 +222,19 @@ def export(
     ] = True,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Export for other runtimes: merged weights, an Ollama Modelfile, and the vLLM command.
+    """Export for other runtimes: merged weights, a GGUF file, an Ollama Modelfile, the vLLM command.
 
-    Example: llm-installer export smollm2-135m-instruct --merge ./merged --ollama ./ollama
+    Examples:
+
+      llm-installer export smollm2-135m-instruct --merge ./merged --ollama ./ollama
+
+      llm-installer export smollm2-135m-instruct --gguf ./smol.gguf --quant q8_0 --ollama ./ollama
+
+      llm-installer export smollm2-135m-instruct --vllm ./vllm   (then ./vllm/serve-vllm.sh)
     """
     from llm_installer import consent, store
     from llm_installer import export as ex
     from llm_installer.console import console, err_console
-    from llm_installer.errors import CheckFailed
 
     _quiet()
     consent.grant(trust_remote_code)
@@ -234,8 +250,11 @@ def export(
             f"merged weights: [bold]{merged_dir}[/bold] (plain transformers folder)", soft_wrap=True
         )
         smoke_target = (merged_dir, None)
+    gguf_file = _export_gguf(folder, gguf, quant=quant, lora=lora, no_lora=no_lora, force=force)
     if ollama is not None:
-        modelfile, note = ex.export_ollama(folder, ollama, merged_dir=merged_dir, lora=lora, force=force)
+        modelfile, note = ex.export_ollama(
+            folder, ollama, merged_dir=merged_dir, lora=lora, force=force, gguf_file=gguf_file
+        )
         console.print(
             f"Ollama Modelfile: [bold]{modelfile}[/bold]  (ollama create {folder.name.lower()} -f "
             f"{modelfile})",
@@ -250,20 +269,55 @@ def export(
     if vllm is not None:
         script = ex.export_vllm(folder, vllm, lora=lora, merged_dir=merged_dir, force=force)
         console.print(f"vLLM launch script: [bold]{script}[/bold]", soft_wrap=True)
-    if merge is None and ollama is None:
+    if merge is None and ollama is None and gguf is None:
         if vllm is None:
-            err_console.print("[dim](pass --merge OUT, --ollama OUT and/or --vllm OUT to write files)[/dim]")
-        return
-    if smoke and smoke_target is not None:
-        with err_console.status("smoke test: generating from the export ...", spinner="dots"):
-            # base weights + adapter carry no template of their own: test with the model's chat format
-            fmt = ex.folder_chat_format(folder, lora)[1] if smoke_target[1] is not None else None
-            result = ex.smoke_test(smoke_target[0], adapter_dir=smoke_target[1], chat_format=fmt)
-        if not result.ok:
-            raise CheckFailed(
-                f"smoke test failed: the export {result.message}; answer was {result.answer[:80]!r}"
+            err_console.print(
+                "[dim](pass --merge OUT, --gguf OUT.gguf, --ollama OUT and/or --vllm OUT to write files)[/dim]"
             )
-        console.print(f"smoke test ok: {result.message}; answer: {result.answer[:120]!r}", soft_wrap=True)
+        return
+    if smoke and gguf_file is not None and merged_dir is None:
+        smoke_target = (gguf_file, None)
+    if smoke and smoke_target is not None:
+        _smoke(folder, lora, *smoke_target)
+
+
+def _export_gguf(folder, out: Path | None, **kwargs) -> Path | None:
+    """Write the GGUF file when --gguf was given, with a progress line, and say what was written."""
+    if out is None:
+        return None
+    from llm_installer.console import console, err_console
+    from llm_installer.gguf_export import export_gguf
+
+    with err_console.status("GGUF: loading ...", spinner="dots") as status:
+        result = export_gguf(folder, out, progress=lambda msg: status.update(msg), **kwargs)
+    what = f"merged with {result.adapter}" if result.adapter else "base weights, no adapter"
+    console.print(
+        f"GGUF ({result.quant}, {what}, llama.cpp arch {result.arch}, {result.tensors} tensors, "
+        f"{result.size / 2**20:.1f} MiB): [bold]{result.path}[/bold]",
+        soft_wrap=True,
+    )
+    return result.path
+
+
+def _smoke(folder, lora: Path | None, target: Path, adapter: Path | None) -> None:
+    """Generate greedily from the export (a folder, or a .gguf file that transformers reads back) and
+    check the answer stops at its end token; exit code 1 when it does not."""
+    from llm_installer import export as ex
+    from llm_installer.console import console, err_console
+    from llm_installer.errors import CheckFailed
+
+    with err_console.status("smoke test: generating from the export ...", spinner="dots"):
+        if target.suffix == ".gguf":
+            result = ex.smoke_test(target.parent, gguf_file=target.name)
+        else:
+            # base weights + adapter carry no template of their own: test with the model's chat format
+            fmt = ex.folder_chat_format(folder, lora)[1] if adapter is not None else None
+            result = ex.smoke_test(target, adapter_dir=adapter, chat_format=fmt)
+    if not result.ok:
+        raise CheckFailed(
+            f"smoke test failed: the export {result.message}; answer was {result.answer[:80]!r}"
+        )
+    console.print(f"smoke test ok: {result.message}; answer: {result.answer[:120]!r}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -202,7 +202,8 @@ def export(
         Path | None, typer.Option("--ollama", help="Write an Ollama Modelfile into this folder.")
     ] = None,
     vllm: Annotated[
-        Path | None, typer.Option("--vllm", help="Write a vLLM launch script (serve-vllm.sh) into this folder.")
+        Path | None,
+        typer.Option("--vllm", help="Write a vLLM launch script (serve-vllm.sh) into this folder."),
     ] = None,
     gguf: Annotated[
         Path | None,

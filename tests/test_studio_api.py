@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
+import gguf
 import pytest
 from fastapi.testclient import TestClient
 
@@ -194,8 +196,13 @@ def test_training_runs_the_cli_one_per_model_and_streams_metrics(client, tiny, _
     assert "before:" in client.get(f"/api/jobs/{job['id']}/report").json()["markdown"]
     assert client.get(f"/api/jobs/{job['id']}/loss.png").content[:4] == b"\x89PNG"
     assert (_isolated_models_dir / tiny / "lora" / "adapter_config.json").is_file()
-    vllm = client.post("/api/export", json={"model": tiny, "kind": "vllm"}).json()["message"]
-    assert vllm.startswith("vllm serve ") and "--enable-lora" in vllm
+    vllm = client.post("/api/export", json={"model": tiny, "kind": "vllm"}).json()
+    assert Path(vllm["path"]).name == "serve-vllm.sh" and Path(vllm["path"]).is_file()
+    assert "vllm.entrypoints.openai.api_server" in vllm["message"] and "--enable-lora" in vllm["message"]
+    gguf_file = client.post("/api/export", json={"model": tiny, "kind": "gguf-f16"}).json()
+    assert "merged with" in gguf_file["message"], gguf_file  # the trained adapter is folded in
+    reader = gguf.GGUFReader(gguf_file["path"])
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "llama"
     assert "unknown export" in _err(client.post("/api/export", json={"model": tiny, "kind": "zip"}), 400)
     assert "no job 999" in _err(client.post("/api/jobs/999/stop"), 400)
     assert "job_id" in _err(client.get("/api/jobs/abc"), 400)

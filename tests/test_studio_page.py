@@ -150,7 +150,7 @@ def test_studio_walks_install_data_plan_train_compare_export(_isolated_models_di
         _compare_step(page)
         page.select_option("#export-kind", "vllm")
         page.click("#export-btn")
-        page.wait_for_selector("#export-out:has-text('vllm serve')", timeout=30_000)
+        page.wait_for_selector("#export-out:has-text('vllm.entrypoints.openai.api_server')", timeout=30_000)
         _shot(page, "6-export")
         page.fill("#install-ref", "/etc/passwd")  # an error is one line at the top of the page
         page.click("#check-btn")

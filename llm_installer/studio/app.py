@@ -315,15 +315,29 @@ def _export_ollama(folder: store.ModelFolder) -> dict[str, Any]:
 def _export_vllm(folder: store.ModelFolder) -> dict[str, Any]:
     from llm_installer import export as ex
 
-    return {"path": None, "message": ex.vllm_command(folder)}
+    script = ex.export_vllm(folder, paths.studio_dir() / "exports" / folder.name / "vllm", force=True)
+    return {"path": str(script), "message": f"vLLM launch script: {script}\n{ex.vllm_command(folder)}"}
+
+
+def _export_gguf(folder: store.ModelFolder, quant: str) -> dict[str, Any]:
+    from llm_installer.gguf_export import export_gguf
+
+    out = paths.studio_dir() / "exports" / folder.name / f"{folder.name}.{quant}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = export_gguf(folder, out, quant=quant, force=True)
+    what = f"merged with {result.adapter}" if result.adapter else "base weights, no adapter"
+    size = result.size / 2**20
+    return {"path": str(result.path), "message": f"GGUF ({quant}, {what}, {size:.1f} MiB): {result.path}"}
 
 
 def exports() -> dict[str, tuple[str, Any]]:
-    """The Export step's entries: one line each (a GGUF export, once it exists, is one more)."""
+    """The Export step's entries, one line each: what the page lists and the function that writes it."""
     table: dict[str, tuple[str, Any]] = {
         "merged": ("merged weights (safetensors)", _export_merged),
         "ollama": ("Ollama Modelfile", _export_ollama),
-        "vllm": ("vLLM command", _export_vllm),
+        "vllm": ("vLLM launch script and command", _export_vllm),
+        "gguf-q8_0": ("GGUF file, q8_0 (llama.cpp, Ollama)", lambda folder: _export_gguf(folder, "q8_0")),
+        "gguf-f16": ("GGUF file, f16", lambda folder: _export_gguf(folder, "f16")),
     }
     return table
 

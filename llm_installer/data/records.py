@@ -105,10 +105,3 @@ class LoadResult:
         for r in self.records:
             out[r.format] = out.get(r.format, 0) + 1
         return out
-
-    def reject_reasons(self) -> dict[str, int]:
-        """Reject counts by reason with the specifics (field names stay, values go) for a short summary."""
-        out: dict[str, int] = {}
-        for r in self.rejects:
-            out[r.reason] = out.get(r.reason, 0) + 1
-        return out

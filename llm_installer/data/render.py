@@ -310,7 +310,3 @@ class Renderer:
 
 def _short(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-
-
-def visible_mask(labels: list[int]) -> list[bool]:
-    return [x != IGNORE_INDEX for x in labels]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm_installer.handlers.llama import LLAMA_ATTENTION
+from llm_installer.handlers.modules import LLAMA_ATTENTION
 from llm_installer.handlers.transformer import TransformerHandler
 
 ROUTER = ("mlp.gate",)
@@ -28,6 +28,7 @@ class MoEHandler(TransformerHandler):
     families = ("moe (generic)",)
     description = "generic mixture-of-experts model (router + fused experts + attention)"
     default_model_family = "moe"
+    is_generic = True
     attention_modules = LLAMA_ATTENTION
     mlp_modules = (*ROUTER, *FUSED_EXPERTS, *DENSE_MLP)
     best_seq_length = 2048

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from llm_installer.handlers.base import TEXT_FORMATS, VISION_FORMATS
-from llm_installer.handlers.llama import LLAMA_ATTENTION, LLAMA_MLP
+from llm_installer.handlers.modules import LLAMA_ATTENTION, LLAMA_MLP
 from llm_installer.handlers.transformer import TransformerHandler
 
 # Attribute names under which transformers keeps the vision encoder / projector.
@@ -35,6 +35,7 @@ class MultimodalHandler(TransformerHandler):
     families = ("vision-language (generic)",)
     description = "generic vision-language model (vision tower frozen, language model + projector trained)"
     default_model_family = "vision_language"
+    is_generic = True
     attention_modules = LLAMA_ATTENTION
     mlp_modules = LLAMA_MLP
     projector_modules: ClassVar[tuple[str, ...]] = ("multi_modal_projector",)

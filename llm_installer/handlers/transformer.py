@@ -39,6 +39,10 @@ class TransformerHandler(BaseHandler):
     # conservative 2048 — chat/instruction data rarely needs more, and memory grows with it.
     best_seq_length: ClassVar[int] = 2048
     default_chat_template = "chatml"
+    # A generic fallback (this class, MultimodalHandler, MoEHandler themselves, not their subclasses):
+    # its guessed module names may not exist, so all linear layers are the fallback. Read from the
+    # class's own __dict__, so a family subclass is not generic.
+    is_generic: ClassVar[bool] = True
 
     def target_modules_for_size(self) -> tuple[list[str] | None, str]:
         """(LoRA target modules, source label) by the size rule; None when the family is unknown."""
@@ -87,7 +91,7 @@ class TransformerHandler(BaseHandler):
             self.set_param(params, "quantization", "4bit", label)
             self.set_param(params, "dataset_formats", list(LIMITED_FORMATS), label)
 
-        if type(self) in _generic_classes():
+        if type(self).__dict__.get("is_generic", False):
             # a fallback for an unknown architecture: its guessed names may not exist -> all linear layers
             params["lora_targets_fallback"] = "all-linear"
         self._apply_hardware(params)
@@ -116,10 +120,3 @@ class TransformerHandler(BaseHandler):
             # (llm_installer.precision): CPU flags mispredicted it both ways on the machines measured.
             self.set_param(params, "training_precision", "auto", label)
             self.set_param(params, "supports_flash_attention", False, label)
-
-
-def _generic_classes() -> tuple[type, ...]:
-    from llm_installer.handlers.moe import MoEHandler
-    from llm_installer.handlers.multimodal import MultimodalHandler
-
-    return (TransformerHandler, MultimodalHandler, MoEHandler)

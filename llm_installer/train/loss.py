@@ -90,9 +90,4 @@ def _scaled(loss: Any, num_items: Any) -> Any:
     return loss if num_items is None else loss / num_items
 
 
-def count_label_tokens(inputs: dict[str, Any]) -> int:
-    labels = inputs["labels"]
-    return int((labels[:, 1:] != IGNORE).sum())
-
-
-__all__ = ["causal_lm_loss", "split_head", "count_label_tokens"]
+__all__ = ["causal_lm_loss", "split_head"]

@@ -101,22 +101,12 @@ class TransformerHandler(BaseHandler):
         """The seed's hardware-aware precision: CC>=8 bf16 + flash attention, CC 7 fp16, else fp32."""
         from llm_installer import hardware
         from llm_installer.handlers.base import _hardware_label
+        from llm_installer.precision import handler_precision
 
         hw = hardware.detect()
         label = _hardware_label(hw)
-        if hw.cuda and hw.compute_capability:
-            major = hw.compute_capability[0]
-            if major >= 8:
-                self.set_param(params, "training_precision", "bf16", label)
-                self.set_param(params, "supports_flash_attention", True, label)
-            elif major >= 7:
-                self.set_param(params, "training_precision", "fp16", label)
-                self.set_param(params, "supports_flash_attention", True, label)
-            else:
-                self.set_param(params, "training_precision", "fp32", label)
-                self.set_param(params, "supports_flash_attention", False, label)
-        else:
-            # CPU (or Apple GPU): "auto": the plan measures bf16 against fp32 on this machine's own layer shapes
-            # (llm_installer.precision): CPU flags mispredicted it both ways on the machines measured.
-            self.set_param(params, "training_precision", "auto", label)
-            self.set_param(params, "supports_flash_attention", False, label)
+        # off CUDA "auto": the plan measures bf16 against fp32 on this machine's own layer shapes (CPU flags
+        # mispredicted it both ways on the machines measured)
+        precision, flash = handler_precision(hw)
+        self.set_param(params, "training_precision", precision, label)
+        self.set_param(params, "supports_flash_attention", flash, label)

@@ -117,3 +117,19 @@ def test_base_defaults_live_in_handler_params():
     defaults = HandlerParams()
     assert params["recommended_lora_r"] == defaults.recommended_lora_r == 16
     assert params["gradient_checkpointing"] is defaults.gradient_checkpointing is True
+
+
+def test_the_trainer_refuses_a_plan_made_with_another_handler_class(tiny_installed):
+    from llm_installer.train.components import load_components
+
+    plan = build_plan(tiny_installed, cli_args("--data", "d"), hardware=CPU)
+    folder, info, handler = load_components(plan)  # the class the plan recorded: accepted
+    assert type(handler) is LlamaHandler and handler.training_params().to_dict() == plan.handler_params
+    plan.model["handler_class"] = "acme_handlers.AcmeHandler"
+    with pytest.raises(UserError) as err:
+        load_components(plan)
+    assert str(err.value) == (
+        f"the plan for {info.model_id} was made with handler acme_handlers.AcmeHandler, but the registry "
+        "now picks llm_installer.handlers.llama.LlamaHandler (a user handler added or removed?): plan the "
+        "run again"
+    )

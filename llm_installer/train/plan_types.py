@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 PLAN_VERSION = 1
+_UNSET: Any = object()
 
 
 def _opt(description: str) -> Any:
@@ -197,13 +198,14 @@ class TrainingPlan:
 
     # ---- reading and changing settings ---------------------------------------------------------------
 
-    def value(self, key: str) -> Any:
-        """The setting's value; a key that is no setting raises (never a silent None)."""
+    def value(self, key: str, default: Any = _UNSET) -> Any:
+        """The setting's value; a key that is no setting raises (never a silent None). A setting this plan
+        lacks (an older file's, or an optional one no rule set) is `default`, else the built-in default."""
         if key not in PlanValues.model_fields:
             raise KeyError(f"{key!r} is not a plan setting (see llm_installer/train/plan_types.py)")
         entry = self.settings.get(key)
         if entry is None:
-            return PlanValues.model_fields[key].default
+            return PlanValues.model_fields[key].default if default is _UNSET else default
         return entry["value"]
 
     def source(self, key: str) -> str | None:

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llm_installer.errors import UserError
-
-if TYPE_CHECKING:
-    from llm_installer.handlers.base import BaseHandler
 
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
 
@@ -129,7 +126,7 @@ def validate_params(params: Any, handler_name: str) -> HandlerParams:
         ) from None
 
 
-def handler_params(handler: BaseHandler) -> HandlerParams:
+def handler_params(handler: Any) -> HandlerParams:
     """Ask the handler once (`get_training_parameters()`) and validate: the plan and the handler tables
     are built from this, and everything after the plan reads what it recorded."""
     name = getattr(handler, "name", type(handler).__name__)

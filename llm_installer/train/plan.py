@@ -19,12 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 from llm_installer.errors import UserError
 from llm_installer.train.modes import MODES, mode_settings
-from llm_installer.train.plan_types import DEFAULTS, PLAN_VERSION, PlanValues, TrainingPlan
+from llm_installer.train.plan_types import DEFAULTS, NOT_FINGERPRINTED, PLAN_VERSION, PlanValues, TrainingPlan
 
 if TYPE_CHECKING:
     from llm_installer.handlers.params import HandlerParams
 
-__all__ = ["DEFAULTS", "PLAN_VERSION", "PlanValues", "TrainingPlan", "build_plan"]  # plan_types re-exported
+__all__ = [
+    "DEFAULTS",
+    "NOT_FINGERPRINTED",
+    "PLAN_VERSION",
+    "PlanValues",
+    "TrainingPlan",
+    "build_plan",
+]  # plan_types re-exported
 
 # Handler parameter names (the seed's contract and common synonyms) -> plan keys.
 HANDLER_KEYS: dict[str, str] = {
@@ -78,28 +85,6 @@ USER_KEYS = (
     "system_prompt",
 )
 
-# Settings that do not change the trajectory of the weights: left out of the resume fingerprint.
-NOT_FINGERPRINTED = {
-    "resume",
-    "output",
-    "tensorboard",
-    "logging_steps",
-    "report_prompts",
-    "report_max_new_tokens",
-    "patience",
-    "overfitting_threshold",
-    "perfect_loss",
-    "auto_stop",
-    "force_epochs",
-    "plateau_cycles",
-    "plateau_tolerance",
-    "keep_best",
-    "save_steps",
-    "save_total_limit",
-    "torch_threads",
-    "epochs",
-    "max_steps",
-}
 
 OPTIMIZERS = {
     "adamw": "adamw_torch",

@@ -112,6 +112,30 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
 }
 
 
+# Settings that do not change the trajectory of the weights: left out of the resume fingerprint.
+NOT_FINGERPRINTED = {
+    "resume",
+    "output",
+    "tensorboard",
+    "logging_steps",
+    "report_prompts",
+    "report_max_new_tokens",
+    "patience",
+    "overfitting_threshold",
+    "perfect_loss",
+    "auto_stop",
+    "force_epochs",
+    "plateau_cycles",
+    "plateau_tolerance",
+    "keep_best",
+    "save_steps",
+    "save_total_limit",
+    "torch_threads",
+    "epochs",
+    "max_steps",
+}
+
+
 @cache
 def _adapter(key: str) -> TypeAdapter:
     return TypeAdapter(PlanValues.model_fields[key].annotation)
@@ -230,8 +254,6 @@ class TrainingPlan:
         A resumed run must match it: continuing from a checkpoint of another model, dataset or recipe would
         silently mix two runs.
         """
-        from llm_installer.train.plan import NOT_FINGERPRINTED
-
         relevant = {k: v for k, v in self.values().items() if k not in NOT_FINGERPRINTED}
         payload = {
             "model_id": self.model.get("model_id"),

@@ -392,13 +392,13 @@ def vllm_launch(
     cap and a 2 GiB KV cache, which a long context would overflow.
     """
     from llm_installer import hardware
-    from llm_installer.serve.engine import _default_dtype
+    from llm_installer.serve.loading import default_dtype
 
     info = folder.load_info()
     model_dir = merged_dir or folder.model_dir.resolve()
     served = [folder.name + "-lora"] if merged_dir is not None else [folder.name]
     args = ["--model", str(model_dir), "--served-model-name", served[0], "--host", host, "--port", str(port)]
-    args += ["--dtype", _VLLM_DTYPES.get(dtype or _default_dtype(), "auto")]
+    args += ["--dtype", _VLLM_DTYPES.get(dtype or default_dtype(), "auto")]
     env: dict[str, str] = {}
     if not hardware.detect().cuda:
         env["VLLM_CPU_KVCACHE_SPACE"] = "2"

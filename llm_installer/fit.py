@@ -123,7 +123,7 @@ def _plan_refusal(info: ModelInfo, hw: Any) -> str | None:
     from llm_installer.train.plan import check_method, forces_4bit
 
     try:
-        params = get_handler(info).get_training_parameters() or {}
+        params = get_handler(info).training_params().model_dump()
     except Exception:
         return None  # `train` reports a broken handler itself
     if not forces_4bit(params) or getattr(hw, "cuda", False):

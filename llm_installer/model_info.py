@@ -53,6 +53,16 @@ class ModelInfo(BaseModel):
         return cls.model_validate(data)
 
     @property
+    def merged_config(self) -> dict[str, Any]:
+        """config.json with a vision-language model's `text_config` merged in (the outer config's own keys
+        win): the one home of that merge, for the handlers and the plan's layer shapes."""
+        cfg = dict(self.config or {})
+        text = cfg.get("text_config")
+        if isinstance(text, dict):
+            return {**text, **{k: v for k, v in cfg.items() if k != "text_config"}}
+        return cfg
+
+    @property
     def params_billions(self) -> float | None:
         """Parameter count in billions; estimated from on-disk size (bf16) when not counted."""
         if self.num_parameters:

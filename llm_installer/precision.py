@@ -1,6 +1,9 @@
 """The training precision: what `--precision {auto,fp32,bf16,fp16}` becomes on this machine, and why.
 
 One home for the rule; the plan, `check` and the handlers ask `choose_precision` and show its `why`.
+The handlers' side of it lives here too: `handler_precision` (the seed's hardware-aware pattern a handler
+states) and `fit_handler_precision` (what `show --training` shows this machine can do), and so does the
+serving dtype (`serving_precision`).
 
 - CUDA: `auto` follows the compute capability: bf16 from 8.0 (native bf16 tensor cores), fp16 on 7.x
   (tensor cores, loss-scaled), fp32 below. An explicit bf16 or fp16 is honoured on any CUDA GPU (bf16
@@ -111,6 +114,41 @@ def cuda_precision(compute_capability: tuple[int, int] | None) -> Precision:
     """`auto` on a CUDA GPU: bf16 from compute capability 8.0, fp16 on 7.x, fp32 below (or unknown)."""
     major = compute_capability[0] if compute_capability else 0
     return "bf16" if major >= 8 else "fp16" if major >= 7 else "fp32"
+
+
+def handler_precision(hw: Hardware) -> tuple[str, bool]:
+    """(training_precision, supports_flash_attention) a handler states for `hw`: the seed's
+    hardware-aware pattern (compute capability >= 8: bf16 + flash attention, 7.x: fp16 + flash, below:
+    fp32); "auto" off CUDA, where the plan measures bf16 against fp32 (`choose_precision`)."""
+    if hw.cuda and hw.compute_capability:
+        best = cuda_precision(hw.compute_capability)
+        return best, best != "fp32"
+    return "auto", False
+
+
+def fit_handler_precision(wanted: str | None, hw: Hardware) -> str | None:
+    """A handler's `training_precision` this machine cannot do well, downgraded; None = keep `wanted`.
+
+    On CUDA bf16 below compute capability 8.0 becomes what it supports, fp16 without tensor cores fp32;
+    an explicit fp32 stays fp32. On a CPU bf16/fp16 become "auto": the plan measures bf16 against fp32
+    and fp16 has no CPU autocast."""
+    if hw.cuda:
+        best = cuda_precision(hw.compute_capability)
+        if (wanted == "bf16" and best != "bf16") or (wanted == "fp16" and best == "fp32"):
+            return best
+        return None
+    return "auto" if wanted in ("bf16", "fp16") else None
+
+
+def serving_precision(hw: Hardware) -> Precision:
+    """The dtype `chat` / `start` load a model in: the GPU's compute-capability rule, fp32 on an Apple GPU,
+    and on a CPU bf16 where the CPU has native bf16 (AVX512-BF16 / AMX; FACTS: 114 vs 65.9 tok/s decode on
+    SmolLM2) — a decode is matmul-bound, not the training step `probe_cpu_precision` times."""
+    if hw.cuda:
+        return cuda_precision(hw.compute_capability)
+    if hw.mps:
+        return "fp32"
+    return "bf16" if hw.cpu_bf16_fast else "fp32"
 
 
 def choose_precision(

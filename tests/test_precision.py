@@ -300,3 +300,25 @@ def test_trainer_autocast_reaches_a_directly_called_backbone_only_inside_acceler
     prepared(input_ids=ids)
     assert seen == [torch.float32, torch.bfloat16, torch.bfloat16]
     assert not Trainer(model=model, args=args(fp16=True)).accelerator.native_amp
+
+
+@pytest.mark.parametrize("cc", [(9, 0), (8, 0), (7, 5), (6, 1)])
+def test_the_handlers_and_serving_rules_live_here_and_read_the_gpu_rule(cc):
+    gpu = _gpu(cc)
+    best = precision.cuda_precision(cc)
+    assert precision.handler_precision(gpu) == (best, best != "fp32")  # the seed's hardware-aware pattern
+    assert precision.serving_precision(gpu) == best == gpu.best_precision()
+    # a handler's wish this GPU cannot do well is downgraded; one it can do (or fp32) is kept
+    assert precision.fit_handler_precision("bf16", gpu) == (None if best == "bf16" else best)
+    assert precision.fit_handler_precision("fp16", gpu) == ("fp32" if best == "fp32" else None)
+    assert precision.fit_handler_precision("fp32", gpu) is None
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_on_a_cpu_handlers_say_auto_and_serving_follows_native_bf16(fast):
+    cpu = Hardware(cpu_count=2, ram_gb=8.0, ram_available_gb=6.0, cpu_bf16_fast=fast)
+    assert precision.handler_precision(cpu) == ("auto", False)  # the plan measures
+    assert precision.fit_handler_precision("bf16", cpu) == "auto"
+    assert precision.fit_handler_precision("fp16", cpu) == "auto"
+    assert precision.fit_handler_precision("fp32", cpu) is None
+    assert precision.serving_precision(cpu) == ("bf16" if fast else "fp32")

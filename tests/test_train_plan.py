@@ -25,7 +25,7 @@ def plan_for(folder, *argv, hardware=CPU):
 
 def test_plan_is_plain_json_with_a_source_for_every_setting(tiny_installed):
     plan = plan_for(tiny_installed, "--data", "test_data.json")
-    again = TrainingPlan.from_dict(json.loads(json.dumps(plan)))
+    again = TrainingPlan.from_dict(json.loads(plan.to_json()))
     assert again == plan
     for key, entry in plan["settings"].items():
         assert set(entry) == {"value", "source", "why"}, key

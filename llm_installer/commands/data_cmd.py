@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -43,12 +43,9 @@ def inspect_cmd(
 
     Example: llm-installer data inspect data/train.jsonl "data/extra/*.json" --model smollm2-135m-instruct
     """
-    from rich.table import Table
-    from rich.text import Text
-
     from llm_installer import consent
     from llm_installer.console import console, warn
-    from llm_installer.data.inspect import histogram, inspect_data
+    from llm_installer.data.inspect import inspect_data
     from llm_installer.data.loaders import resolve_spec
 
     consent.grant(trust_remote_code)
@@ -57,10 +54,24 @@ def inspect_cmd(
     tokenizer, handler = _tokenizer_and_handler(model)
     with console.status("reading data…"):
         report = inspect_data(paths, tokenizer, handler=handler, format=format, max_seq_length=max_seq_length)
+    print_records(report, show_rejects)
+    if tokenizer is None:
+        warn("no tokenizer available (pass --model NAME): token statistics skipped")
+        return
+    print_token_stats(report, max_seq_length)
+    if report.example:
+        print_example(report)
+
+
+def print_records(report: Any, show_rejects: int) -> None:
+    """Notes, the files table, counts, rejects (up to `show_rejects`) and the first duplicates."""
+    from rich.table import Table
+
+    from llm_installer.console import console
+
     result = report.result
     for note in result.notes:
         console.print(f"[cyan]note:[/cyan] {note}", soft_wrap=True)
-
     table = Table(title="Files", title_justify="left")
     for col in ("file", "type", "format", "records", "rejects"):
         table.add_column(col, justify="right" if col in ("records", "rejects") else "left")
@@ -82,9 +93,13 @@ def inspect_cmd(
     for dup, first in result.duplicates[:3]:
         console.print(f"  duplicate: {dup} repeats {first}", soft_wrap=True, markup=False)
 
-    if tokenizer is None:
-        warn("no tokenizer available (pass --model NAME): token statistics skipped")
-        return
+
+def print_token_stats(report: Any, max_seq_length: int | None) -> None:
+    """Token lengths (sampled on big data), the chat format, records over the limit and a histogram."""
+    from llm_installer.console import console
+    from llm_installer.data.inspect import histogram
+
+    result = report.result
     if report.sampled < len(result.records):
         console.print(
             f"\ntoken statistics from {report.sampled} of {len(result.records)} records, spread over the data",
@@ -112,26 +127,33 @@ def inspect_cmd(
             console.print(f"longer than --max-seq-length {max_seq_length}: {report.over_limit} record(s)")
         for label, count, bar in histogram(report.lengths):
             console.print(f"  {label:>13} │{bar:<30} {count}", markup=False)
-    if report.example:
-        console.print(
-            f"\nexample {report.example_origin}: [green]green = trained (loss)[/green], [dim]dim = masked[/dim]",
-            soft_wrap=True,
-        )
-        text = Text()
-        plain = console.color_system is None  # no colours (a pipe, NO_COLOR): bracket the trained tokens
-        if plain:
-            console.print("(no colours here: trained tokens are between « and »)")
-        previous = False
-        for token, trained in report.example:
-            if plain and trained != previous:
-                text.append("«" if trained else "»")
-            text.append(token, style="bold green" if trained else "dim")
-            previous = trained
-        if plain and previous:
-            text.append("»")
-        if report.example_more:
-            text.append(f" … ({report.example_more} more tokens)", style="dim")
-        console.print(text, soft_wrap=True)
+
+
+def print_example(report: Any) -> None:
+    """One rendered example, trained tokens green (or between « and » without colours)."""
+    from rich.text import Text
+
+    from llm_installer.console import console
+
+    console.print(
+        f"\nexample {report.example_origin}: [green]green = trained (loss)[/green], [dim]dim = masked[/dim]",
+        soft_wrap=True,
+    )
+    text = Text()
+    plain = console.color_system is None  # no colours (a pipe, NO_COLOR): bracket the trained tokens
+    if plain:
+        console.print("(no colours here: trained tokens are between « and »)")
+    previous = False
+    for token, trained in report.example:
+        if plain and trained != previous:
+            text.append("«" if trained else "»")
+        text.append(token, style="bold green" if trained else "dim")
+        previous = trained
+    if plain and previous:
+        text.append("»")
+    if report.example_more:
+        text.append(f" … ({report.example_more} more tokens)", style="dim")
+    console.print(text, soft_wrap=True)
 
 
 def _tokenizer_and_handler(model: str | None):

@@ -20,6 +20,8 @@ def _opt(help_text: str, *names: str, **kw: Any) -> Any:
     return typer.Option(*names, help=help_text, **kw) if names else typer.Option(help=help_text, **kw)
 
 
+# `train` is long only in its signature: typer reads one annotated parameter per flag (about 140 lines of
+# declarations); its body is a few lines that hand over to `run_train_command` and `print_result`.
 def train(
     name: Annotated[
         str, typer.Argument(help="Installed model name (org/name or folder name) or its folder path.")
@@ -150,34 +152,41 @@ def train(
 ) -> None:
     """Fine-tune an installed model with LoRA / QLoRA / DoRA, driven by its handler."""
     from llm_installer import consent
-    from llm_installer.store import find_model
 
     consent.grant(trust_remote_code)  # this command's decision only; not part of the plan
-    args = collect_args(locals())
+    run_train_command(name, collect_args(locals()), dry_run=dry_run)
+
+
+def run_train_command(name: str, args: dict[str, Any], *, dry_run: bool = False) -> None:
+    """Plan (continuing a resumed run's flags), then print the dry run or train and report."""
+    from llm_installer.store import find_model
+    from llm_installer.train.plan import build_plan
+    from llm_installer.train.run_dir import resume_args
+
     folder = find_model(name)
     if dry_run:
         args["_allow_no_data"] = True
-    from llm_installer.train.plan import build_plan
-    from llm_installer.train.trainer import resume_args
-
-    args = resume_args(folder.runs_dir, args)
-
-    plan = build_plan(folder, args)
+    plan = build_plan(folder, resume_args(folder.runs_dir, args))
     if dry_run:
         from llm_installer.train.dry_run import print_dry_run
 
         print_dry_run(plan)
         return
-    from llm_installer.console import console
+    from llm_installer.train.distributed import is_main
     from llm_installer.train.trainer import run_training
 
     result = run_training(plan)
-    from llm_installer.train.distributed import is_main
-
     if not is_main():  # under torchrun / accelerate launch the main process reports for all
         if result.interrupted:
             raise typer.Exit(130)
         return
+    print_result(name, plan, result)
+
+
+def print_result(name: str, plan: Any, result: Any) -> None:
+    """Where the adapter and the run folder are, the run's numbers, and how to resume an interrupted run."""
+    from llm_installer.console import console
+
     m = result.metrics
     console.print(f"adapter: {result.adapter_dir}", soft_wrap=True)
     console.print(

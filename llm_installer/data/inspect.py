@@ -110,7 +110,9 @@ def inspect_data(
                 sources.append(s)
     params: dict[str, Any] = {}
     if handler is not None:
-        params = dict(handler.get_training_parameters() or {})
+        from llm_installer.data.prepare import handler_data_params
+
+        params = handler_data_params(handler)
     result = load_records(
         ",".join(paths),
         format=format,

@@ -28,7 +28,7 @@ from llm_installer.data.load import load_records
 from llm_installer.data.loaders import resolve_spec, source_fingerprint
 from llm_installer.data.records import LoadResult, Record, RecordError, Reject
 from llm_installer.data.render import IGNORE_INDEX, Renderer
-from llm_installer.errors import DataError
+from llm_installer.errors import DataError, UserError
 
 CACHE_VERSION = "1"
 CHUNK = 2000
@@ -69,11 +69,22 @@ class PreparedData:
 # ---- handler and tokenizer facts --------------------------------------------------------------------
 
 
-def _handler_params(handler: Any) -> dict[str, Any]:
+def handler_data_params(handler: Any, params: Any = None) -> dict[str, Any]:
+    """The handler's data-related parameters: the ones the plan recorded (`params`), else the handler's
+    own validated ones (`BaseHandler.training_params()`, asked once per handler)."""
+    if params is not None:
+        return params.to_dict() if hasattr(params, "to_dict") else dict(params)
     if handler is None:
         return {}
+    from llm_installer.handlers.params import handler_params
+
     try:
-        return dict(handler.get_training_parameters() or {})
+        asked = handler.training_params() if hasattr(handler, "training_params") else handler_params(handler)
+        return asked.to_dict()
+    except DataError:
+        raise
+    except UserError as exc:  # the validation's one line already names the handler and the key
+        raise DataError(str(exc)) from None
     except Exception as exc:  # a broken user handler should name itself, not crash the data step
         raise DataError(f"handler {getattr(handler, 'name', type(handler).__name__)} failed: {exc}") from None
 
@@ -337,95 +348,111 @@ def _say_skipped(count: int, written: Path | None) -> None:
 
 
 def prepare_dataset(
-    spec: str | os.PathLike, tokenizer: Any, handler: Any, settings: DataSettings
+    spec: str | os.PathLike, tokenizer: Any, handler: Any, settings: DataSettings, *, params: Any = None
 ) -> PreparedData:
     """Load, validate, render, mask, split and cache `spec` for `tokenizer` (a tokenizer or, for
     vision-language models, the model's processor) and `handler` (None = tokenizer's template, every
-    format allowed)."""
+    format allowed). `params`: the handler parameters the training plan recorded (HandlerParams or its
+    dict) — formats, preprocessing hints, special tokens; None = the handler's own."""
     # Millions of small lists and dicts are created and all kept: the cyclic garbage collector would
     # rescan them again and again for nothing (about 7% of the run time measured), so pause it meanwhile.
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _prepare(spec, tokenizer, handler, settings)
+        return _prepare(spec, tokenizer, handler, settings, params)
     finally:
         if enabled:
             gc.enable()
 
 
-def _prepare(spec: str | os.PathLike, tokenizer: Any, handler: Any, settings: DataSettings) -> PreparedData:
-    from llm_installer.console import err_console
+@dataclass
+class _ModelFacts:
+    """What the data step needs from the model: its tokenizer (and processor), chat format and the
+    handler's data parameters (formats, preprocessing hints, media placeholders)."""
 
-    if settings.max_seq_length is None or settings.max_seq_length < 2:
-        raise DataError(f"--max-seq-length {settings.max_seq_length}: must be at least 2")
+    text_tok: Any
+    processor: Any
+    chat_format: Any
+    handler_name: str | None
+    supported: list[str] | None
+    preprocessing: dict[str, Any]
+    special: dict[str, Any]
+    image_token: str | None
+    video_token: str | None
+
+
+def _model_facts(tokenizer: Any, handler: Any, hparams: Any) -> _ModelFacts:
     text_tok, processor = split_processor(tokenizer)
-    params = _handler_params(handler)
+    params = handler_data_params(handler, hparams)
     if handler is not None and hasattr(handler, "apply_tokenizer_config"):
         handler.apply_tokenizer_config(text_tok)
-    # the model's one chat format: the template, and the end-of-turn token trained after each answer
-    chat_format = handler_chat_format(handler, text_tok)
-    template = chat_format.template
-    supported = list(params.get("dataset_formats") or []) or None
-    preprocessing = dict(params.get("dataset_preprocessing") or {})
     special = dict(params.get("special_tokens") or {})
     # The placeholder the processor expands is the one it names itself (Gemma 3's is <start_of_image>, not
     # the <image_soft_token> it expands it into); the handler's is for a processor that names none.
-    image_token = getattr(processor, "image_token", None) or special.get("image_token")
-    video_token = getattr(processor, "video_token", None) or special.get("video_token")
-
-    notes: list[str] = []
-    sources = resolve_spec(spec, notes)
-    for note in notes:
-        err_console.print(f"[cyan]note:[/cyan] {note}", soft_wrap=True)
-    settings_key = {k: v for k, v in settings.to_dict().items() if k not in ("cache_dir", "rejects_path")}
-    fp = hashlib.blake2b(digest_size=16)
-    fp.update(
-        json.dumps(
-            {
-                "v": CACHE_VERSION,
-                "sources": [source_fingerprint(s) for s in sources],
-                "tokenizer": tokenizer_fingerprint(text_tok, template),
-                "end_of_turn": chat_format.end_of_turn,
-                "handler": [getattr(handler, "name", None), supported, preprocessing, special],
-                "settings": settings_key,
-                "processor": processor is not None,
-            },
-            sort_keys=True,
-            default=str,
-        ).encode()
+    return _ModelFacts(
+        text_tok=text_tok,
+        processor=processor,
+        # the model's one chat format: the template, and the end-of-turn token trained after each answer
+        chat_format=handler_chat_format(handler, text_tok),
+        handler_name=getattr(handler, "name", None),
+        supported=list(params.get("dataset_formats") or []) or None,
+        preprocessing=dict(params.get("dataset_preprocessing") or {}),
+        special=special,
+        image_token=getattr(processor, "image_token", None) or special.get("image_token"),
+        video_token=getattr(processor, "video_token", None) or special.get("video_token"),
     )
-    fingerprint = fp.hexdigest()
-    rejects_path = Path(settings.rejects_path) if settings.rejects_path else None
-    cache_path = Path(settings.cache_dir) / f"data-{fingerprint}.npz" if settings.cache_dir else None
 
-    if cache_path is not None and cache_path.is_file():
-        cached = load_cache(cache_path)
-        if cached is not None:
-            train, val, stats, reject_lines = cached
-            stats = dict(stats, cached=True)
-            if rejects_path is not None and reject_lines:
-                write_rejects(rejects_path, reject_lines)
-            _say_skipped(len(reject_lines), rejects_path if reject_lines else None)
-            return PreparedData(
-                train, val, stats, fingerprint, rejects_path if reject_lines else None, settings
-            )
 
+def _fingerprint(sources: list[Any], facts: _ModelFacts, settings: DataSettings) -> str:
+    """The cache key: data bytes, tokenizer and template, the handler's data parameters, the settings."""
+    settings_key = {k: v for k, v in settings.to_dict().items() if k not in ("cache_dir", "rejects_path")}
+    payload = {
+        "v": CACHE_VERSION,
+        "sources": [source_fingerprint(s) for s in sources],
+        "tokenizer": tokenizer_fingerprint(facts.text_tok, facts.chat_format.template),
+        "end_of_turn": facts.chat_format.end_of_turn,
+        "handler": [facts.handler_name, facts.supported, facts.preprocessing, facts.special],
+        "settings": settings_key,
+        "processor": facts.processor is not None,
+    }
+    fp = hashlib.blake2b(digest_size=16)
+    fp.update(json.dumps(payload, sort_keys=True, default=str).encode())
+    return fp.hexdigest()
+
+
+def _cached(cache_path: Path | None, rejects_path: Path | None, fingerprint: str, settings: DataSettings):
+    """The prepared data from the cache (its rejects written again), or None."""
+    if cache_path is None or not cache_path.is_file():
+        return None
+    cached = load_cache(cache_path)
+    if cached is None:
+        return None
+    train, val, stats, reject_lines = cached
+    if rejects_path is not None and reject_lines:
+        write_rejects(rejects_path, reject_lines)
+    _say_skipped(len(reject_lines), rejects_path if reject_lines else None)
+    kept = rejects_path if reject_lines else None
+    return PreparedData(train, val, dict(stats, cached=True), fingerprint, kept, settings)
+
+
+def _load_checked(spec: Any, settings: DataSettings, facts: _ModelFacts, handler: Any, sources: list[Any]):
+    """Records in formats the handler supports, duplicates dropped; (load result, records, rejects)."""
     result = load_records(
         spec,
         format=settings.format,
         strict=settings.strict,
-        prefer=supported,
-        preprocessing=preprocessing,
-        truncate=make_truncate(text_tok),
+        prefer=facts.supported,
+        preprocessing=facts.preprocessing,
+        truncate=make_truncate(facts.text_tok),
         sources=sources,
     )
-    check_formats(result, supported, handler)
+    check_formats(result, facts.supported, handler)
     rejects = list(result.rejects)
     records = result.records
     if settings.dedup and result.duplicates:
         dup = {origin for origin, _ in result.duplicates}
         records = [r for r in records if r.origin not in dup]
-    if any(r.images or r.videos for r in records) and processor is None:
+    if any(r.images or r.videos for r in records) and facts.processor is None:
         raise DataError(
             "the data has images or video frames but the model has no image processor: "
             "use a vision-language model or text-only data"
@@ -433,59 +460,75 @@ def _prepare(spec: str | os.PathLike, tokenizer: Any, handler: Any, settings: Da
     if not records:
         first = f" (first: {rejects[0].origin}: {rejects[0].reason})" if rejects else ""
         raise DataError(f"{spec}: no usable records; {len(rejects)} rejected{first}")
+    return result, records, rejects
 
+
+def _summary(result: LoadResult, rejects: list[Reject], train: list, validation: list, notes: list) -> dict:
+    """The data's numbers for the report and adapter_info.json."""
+    reasons: dict[str, int] = {}
+    for r in rejects:
+        reasons[r.reason] = reasons.get(r.reason, 0) + 1
+    files = [
+        {"path": f.path, "kind": f.kind, "format": f.format, "records": f.records, "rejects": f.rejects}
+        for f in result.files
+    ]
+    return {
+        "records_read": len(result.records) + len(result.rejects),
+        "records_used": len(train) + len(validation),
+        "files": files,
+        "formats": result.formats,
+        "rejects": len(rejects),
+        "reject_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:20]),
+        "duplicates": len(result.duplicates),
+        "train_examples": len(train),
+        "validation_examples": len(validation),
+        "tokens": _length_stats(train + validation),
+        "notes": notes + result.notes,
+        "cached": False,
+    }
+
+
+def _prepare(
+    spec: str | os.PathLike, tokenizer: Any, handler: Any, settings: DataSettings, hparams: Any = None
+) -> PreparedData:
+    from llm_installer.console import err_console
+
+    if settings.max_seq_length is None or settings.max_seq_length < 2:
+        raise DataError(f"--max-seq-length {settings.max_seq_length}: must be at least 2")
+    facts = _model_facts(tokenizer, handler, hparams)
+    notes: list[str] = []
+    sources = resolve_spec(spec, notes)
+    for note in notes:
+        err_console.print(f"[cyan]note:[/cyan] {note}", soft_wrap=True)
+    fingerprint = _fingerprint(sources, facts, settings)
+    rejects_path = Path(settings.rejects_path) if settings.rejects_path else None
+    cache_path = Path(settings.cache_dir) / f"data-{fingerprint}.npz" if settings.cache_dir else None
+    cached = _cached(cache_path, rejects_path, fingerprint, settings)
+    if cached is not None:
+        return cached
+
+    result, records, rejects = _load_checked(spec, settings, facts, handler, sources)
     train_records, val_records = split_records(records, settings)
     renderer = Renderer(
-        text_tok,
-        chat_template=template,
-        end_of_turn=chat_format.end_of_turn,
+        facts.text_tok,
+        chat_template=facts.chat_format.template,
+        end_of_turn=facts.chat_format.end_of_turn,
         system_prompt=settings.system_prompt,
         train_on_inputs=settings.train_on_inputs,
-        image_token=image_token,
-        video_token=video_token,
+        image_token=facts.image_token,
+        video_token=facts.video_token,
     )
     stats: dict[str, Any] = {"truncated": 0, "answers_cut": 0, "dropped_too_long": 0}
     n_load_rejects = len(rejects)
-    train = encode_records(
-        train_records, renderer, settings.max_seq_length, stats, rejects, "tokenizing", processor
-    )
-    validation = encode_records(
-        val_records, renderer, settings.max_seq_length, stats, rejects, "tokenizing validation", processor
-    )
+    limit, proc = settings.max_seq_length, facts.processor
+    train = encode_records(train_records, renderer, limit, stats, rejects, "tokenizing", proc)
+    validation = encode_records(val_records, renderer, limit, stats, rejects, "tokenizing validation", proc)
     if settings.strict and len(rejects) > n_load_rejects:
         bad = rejects[n_load_rejects]
         raise DataError(f"{bad.origin}: {bad.reason} (--strict stops at the first bad record)")
     if not train:
         raise DataError(f"{spec}: no training records left after rendering; {len(rejects)} rejected")
-
-    reasons: dict[str, int] = {}
-    for r in rejects:
-        reasons[r.reason] = reasons.get(r.reason, 0) + 1
-    stats.update(
-        {
-            "records_read": len(result.records) + len(result.rejects),
-            "records_used": len(train) + len(validation),
-            "files": [
-                {
-                    "path": f.path,
-                    "kind": f.kind,
-                    "format": f.format,
-                    "records": f.records,
-                    "rejects": f.rejects,
-                }
-                for f in result.files
-            ],
-            "formats": result.formats,
-            "rejects": len(rejects),
-            "reject_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:20]),
-            "duplicates": len(result.duplicates),
-            "train_examples": len(train),
-            "validation_examples": len(validation),
-            "tokens": _length_stats(train + validation),
-            "notes": notes + result.notes,
-            "cached": False,
-        }
-    )
+    stats.update(_summary(result, rejects, train, validation, notes))
     written = None
     if rejects_path is not None and rejects:
         write_rejects(rejects_path, [r.to_json() for r in rejects])

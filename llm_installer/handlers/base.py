@@ -27,6 +27,7 @@ from llm_installer.model_info import ModelInfo
 
 if TYPE_CHECKING:
     from llm_installer.chat_format import ChatFormat
+    from llm_installer.handlers.params import HandlerParams
 
 logger = logging.getLogger(__name__)
 
@@ -173,11 +174,7 @@ class BaseHandler:
     @property
     def config(self) -> dict[str, Any]:
         """The model's raw config.json (text config merged in for vision-language models)."""
-        cfg = dict(self.model_info.config or {})
-        text = cfg.get("text_config")
-        if isinstance(text, dict):
-            return {**text, **{k: v for k, v in cfg.items() if k != "text_config"}}
-        return cfg
+        return self.model_info.merged_config
 
     def _estimate_model_size(self) -> float | None:
         """Parameters in billions (counted, else estimated from the weights' size on disk)."""
@@ -216,22 +213,11 @@ class BaseHandler:
 
     def get_training_parameters(self) -> dict[str, Any]:
         """Model-specific training parameters (the seed's keys). None for lora_target_modules = auto-detect."""
-        params: dict[str, Any] = {
-            "lora_target_modules": None,
-            "lora_modules_to_save": None,
-            "training_precision": "auto",
-            "gradient_checkpointing": True,  # the seed's safe default; the plan turns it off on small CPU runs
-            "max_seq_length": 2048,
-            "supports_flash_attention": False,
-            "dataset_formats": list(TEXT_FORMATS),
-            "special_tokens": {},
-            "recommended_batch_size": 4,
-            "recommended_learning_rate": 2e-4,
-            "recommended_lora_r": 16,
-            "recommended_lora_alpha": 32,
-            "dataset_preprocessing": copy.deepcopy(DEFAULT_PREPROCESSING),
-            "special_requirements": {},
-        }
+        from llm_installer.handlers.params import default_params
+
+        # every key's type, default and meaning: handlers/params.py (HandlerParams); gradient checkpointing
+        # is the seed's safe default, which the plan turns off on small CPU runs
+        params = default_params(TEXT_FORMATS, DEFAULT_PREPROCESSING)
         if self.end_of_turn_token:
             owner = next(c for c in type(self).__mro__ if "end_of_turn_token" in c.__dict__)
             self.set_param(params, "special_tokens", {"end_of_turn": self.end_of_turn_token}, owner.__name__)
@@ -246,6 +232,24 @@ class BaseHandler:
             }
         return params
 
+    def training_params(self) -> HandlerParams:
+        """`get_training_parameters()` validated, asked once per handler: the plan records it and seeds
+        the trainer's handler with it (`use_training_params`), so no later stage asks the handler again."""
+        cached = self.__dict__.get("_training_params")
+        if cached is None:
+            from llm_installer.handlers.params import handler_params
+
+            cached = self._training_params = handler_params(self)
+        return cached
+
+    def use_training_params(self, params: HandlerParams | Mapping[str, Any]) -> None:
+        """Answer `training_params()` with what the plan recorded (validated again: it came from JSON)."""
+        from llm_installer.handlers.params import HandlerParams, validate_params
+
+        if not isinstance(params, HandlerParams):
+            params = validate_params(params, self.name)
+        self._training_params = params
+
     def training_parameters_with_sources(self) -> list[tuple[str, Any, str]]:
         """(key, value, source) for every training parameter, after the hardware fit."""
         params = self.get_training_parameters()
@@ -257,21 +261,14 @@ class BaseHandler:
     def _fit_to_hardware(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         """Precision and flash attention this machine can really do (the plan applies the same rule)."""
         from llm_installer import hardware
+        from llm_installer.precision import fit_handler_precision
 
         hw = hardware.detect()
         out = dict(params)
         sources: dict[str, str] = {}
-        best = hw.best_precision()
-        wanted = out.get("training_precision")
-        # Only downgrade what this machine cannot do well; an explicit fp32 stays fp32.
-        if hw.cuda:
-            unsupported = (wanted == "bf16" and best != "bf16") or (wanted == "fp16" and best == "fp32")
-            if unsupported:
-                out["training_precision"] = best
-                sources["training_precision"] = _hardware_label(hw)
-        elif wanted in ("bf16", "fp16"):
-            # on a CPU the plan measures bf16 against fp32 (llm_installer.precision); fp16 has no CPU autocast
-            out["training_precision"] = "auto"
+        fitted = fit_handler_precision(out.get("training_precision"), hw)
+        if fitted is not None:
+            out["training_precision"] = fitted
             sources["training_precision"] = _hardware_label(hw)
         if out.get("supports_flash_attention") and not hw.supports_flash_attention():
             out["supports_flash_attention"] = False
@@ -288,7 +285,7 @@ class BaseHandler:
         debug_memory = bool(cfg.get("debug_memory"))
         if debug_memory:
             print(f"Model memory before: {_memory_report()}")
-        params = self.get_training_parameters()
+        params = self.training_params()
         # "best" is what the model was trained for (its context length), else the handler's own length
         best_len = self.model_info.context_length or self.config.get("max_position_embeddings")
         best_len = int(best_len or params.get("max_seq_length") or 0)
@@ -318,7 +315,7 @@ class BaseHandler:
         """The seed's debugging tip as a method: {pattern: matched names}; warns on patterns matching nothing."""
         from llm_installer.handlers.targets import verify_target_modules
 
-        return verify_target_modules(model, self.get_training_parameters().get("lora_target_modules"))
+        return verify_target_modules(model, self.training_params().lora_target_modules)
 
     def _enable_gradient_checkpointing(self, model: Any) -> None:
         """Checkpointing with input grads, so frozen embeddings still pass gradients to LoRA layers."""
@@ -338,7 +335,7 @@ class BaseHandler:
         """
         params_len = None
         try:
-            params_len = self.get_training_parameters().get("max_seq_length")
+            params_len = self.training_params().max_seq_length
         except Exception:  # a broken user override must not hide the tokenizer defaults
             params_len = None
         return {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm_installer.handlers.llama import LLAMA_ATTENTION, LLAMA_MLP
+from llm_installer.handlers.modules import LLAMA_ATTENTION, LLAMA_MLP
 from llm_installer.handlers.transformer import TransformerHandler
 
 CODE_PREPROCESSING = {"syntax_highlighting": True, "language_tags": True}

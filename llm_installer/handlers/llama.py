@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from llm_installer.handlers.modules import LLAMA_ATTENTION, LLAMA_MLP
 from llm_installer.handlers.transformer import TransformerHandler
 
-LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
+__all__ = ["LLAMA_ATTENTION", "LLAMA_MLP", "LlamaHandler", "MistralHandler"]  # names kept importable here
 
 
 class LlamaHandler(TransformerHandler):

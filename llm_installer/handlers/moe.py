@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm_installer.handlers.llama import LLAMA_ATTENTION
+from llm_installer.handlers.modules import LLAMA_ATTENTION
 from llm_installer.handlers.transformer import TransformerHandler
 
 ROUTER = ("mlp.gate",)
@@ -28,6 +28,7 @@ class MoEHandler(TransformerHandler):
     families = ("moe (generic)",)
     description = "generic mixture-of-experts model (router + fused experts + attention)"
     default_model_family = "moe"
+    is_generic = True
     attention_modules = LLAMA_ATTENTION
     mlp_modules = (*ROUTER, *FUSED_EXPERTS, *DENSE_MLP)
     best_seq_length = 2048
@@ -58,12 +59,12 @@ class MoEHandler(TransformerHandler):
         `load_balancing_loss_coef`, and `expert_selection` ('top-k') sets how many experts each token
         is routed to during training (the model's own top-k unless a handler asks otherwise)."""
         model = super().prepare_model_for_training(model, training_config)
-        params = self.get_training_parameters()
+        params = self.training_params()
         cfg = training_config or {}
-        if params.get("moe_training", True):
-            coef = cfg.get("load_balancing_loss_coef", params["load_balancing_loss_coef"])
-            apply_router_aux_loss(model, float(coef))
-        top_k = parse_expert_selection(params.get("expert_selection"))
+        if params.moe_training is not False:
+            coef = cfg.get("load_balancing_loss_coef", params.load_balancing_loss_coef)
+            apply_router_aux_loss(model, float(0.01 if coef is None else coef))
+        top_k = parse_expert_selection(params.expert_selection)
         if top_k is not None:
             apply_expert_top_k(model, top_k)
         return model

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from llm_installer.handlers.base import TEXT_FORMATS, VISION_FORMATS
-from llm_installer.handlers.llama import LLAMA_ATTENTION, LLAMA_MLP
+from llm_installer.handlers.modules import LLAMA_ATTENTION, LLAMA_MLP
 from llm_installer.handlers.transformer import TransformerHandler
 
 # Attribute names under which transformers keeps the vision encoder / projector.
@@ -35,6 +35,7 @@ class MultimodalHandler(TransformerHandler):
     families = ("vision-language (generic)",)
     description = "generic vision-language model (vision tower frozen, language model + projector trained)"
     default_model_family = "vision_language"
+    is_generic = True
     attention_modules = LLAMA_ATTENTION
     mlp_modules = LLAMA_MLP
     projector_modules: ClassVar[tuple[str, ...]] = ("multi_modal_projector",)
@@ -64,14 +65,14 @@ class MultimodalHandler(TransformerHandler):
         cfg = dict(training_config or {})
         gc = cfg.pop("gradient_checkpointing", None)
         if gc is None:
-            gc = self.get_training_parameters().get("gradient_checkpointing")
+            gc = self.training_params().gradient_checkpointing
         model = super().prepare_model_for_training(model, {**cfg, "gradient_checkpointing": False})
 
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         # Freeze the vision encoder (the seed names vision_model / vision_tower; transformers also uses visual)
         # unless a handler sets freeze_vision_tower False; LoRA then wraps only what its targets name.
-        if self.get_training_parameters().get("freeze_vision_tower", True):
+        if self.training_params().freeze_vision_tower is not False:
             for _, tower in find_submodules(model, VISION_TOWER_NAMES):
                 for param in tower.parameters():
                     param.requires_grad = False

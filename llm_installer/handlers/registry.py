@@ -76,13 +76,13 @@ def _folder_state() -> tuple:
 
 def user_handlers(*, reload: bool = False) -> list[type[BaseHandler]]:
     """User handler classes (folder files re-read when they change; entry points once per process)."""
-    from llm_installer.handlers import user
+    from llm_installer.handlers.user import load_entry_point_handlers, load_folder_handlers
 
     key = _folder_state()
     if reload or _user_cache["key"] != key:
         if reload or "entry_points" not in _user_cache:
-            _user_cache["entry_points"] = [h.cls for h in user.load_entry_point_handlers()]
-        _user_cache["handlers"] = [h.cls for h in user.load_folder_handlers()] + _user_cache["entry_points"]
+            _user_cache["entry_points"] = [h.cls for h in load_entry_point_handlers()]
+        _user_cache["handlers"] = [h.cls for h in load_folder_handlers()] + _user_cache["entry_points"]
         _user_cache["key"] = key
     return list(_user_cache["handlers"])
 

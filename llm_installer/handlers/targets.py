@@ -399,9 +399,3 @@ def render_parameter_groups(rows: list[tuple[str, int, int]], title: str = "Trai
         "[bold]all[/bold]", _fmt(sum_t), _fmt(sum_all), f"{100 * sum_t / sum_all:.2f}" if sum_all else "-"
     )
     return table
-
-
-def print_parameter_groups(model: Any, title: str = "Trainable parameters by group") -> None:
-    from llm_installer.console import console
-
-    console.print(render_parameter_groups(parameter_group_table(model), title))

@@ -39,6 +39,10 @@ class TransformerHandler(BaseHandler):
     # conservative 2048 — chat/instruction data rarely needs more, and memory grows with it.
     best_seq_length: ClassVar[int] = 2048
     default_chat_template = "chatml"
+    # A generic fallback (this class, MultimodalHandler, MoEHandler themselves, not their subclasses):
+    # its guessed module names may not exist, so all linear layers are the fallback. Read from the
+    # class's own __dict__, so a family subclass is not generic.
+    is_generic: ClassVar[bool] = True
 
     def target_modules_for_size(self) -> tuple[list[str] | None, str]:
         """(LoRA target modules, source label) by the size rule; None when the family is unknown."""
@@ -87,7 +91,7 @@ class TransformerHandler(BaseHandler):
             self.set_param(params, "quantization", "4bit", label)
             self.set_param(params, "dataset_formats", list(LIMITED_FORMATS), label)
 
-        if type(self) in _generic_classes():
+        if type(self).__dict__.get("is_generic", False):
             # a fallback for an unknown architecture: its guessed names may not exist -> all linear layers
             params["lora_targets_fallback"] = "all-linear"
         self._apply_hardware(params)
@@ -97,29 +101,12 @@ class TransformerHandler(BaseHandler):
         """The seed's hardware-aware precision: CC>=8 bf16 + flash attention, CC 7 fp16, else fp32."""
         from llm_installer import hardware
         from llm_installer.handlers.base import _hardware_label
+        from llm_installer.precision import handler_precision
 
         hw = hardware.detect()
         label = _hardware_label(hw)
-        if hw.cuda and hw.compute_capability:
-            major = hw.compute_capability[0]
-            if major >= 8:
-                self.set_param(params, "training_precision", "bf16", label)
-                self.set_param(params, "supports_flash_attention", True, label)
-            elif major >= 7:
-                self.set_param(params, "training_precision", "fp16", label)
-                self.set_param(params, "supports_flash_attention", True, label)
-            else:
-                self.set_param(params, "training_precision", "fp32", label)
-                self.set_param(params, "supports_flash_attention", False, label)
-        else:
-            # CPU (or Apple GPU): "auto": the plan measures bf16 against fp32 on this machine's own layer shapes
-            # (llm_installer.precision): CPU flags mispredicted it both ways on the machines measured.
-            self.set_param(params, "training_precision", "auto", label)
-            self.set_param(params, "supports_flash_attention", False, label)
-
-
-def _generic_classes() -> tuple[type, ...]:
-    from llm_installer.handlers.moe import MoEHandler
-    from llm_installer.handlers.multimodal import MultimodalHandler
-
-    return (TransformerHandler, MultimodalHandler, MoEHandler)
+        # off CUDA "auto": the plan measures bf16 against fp32 on this machine's own layer shapes (CPU flags
+        # mispredicted it both ways on the machines measured)
+        precision, flash = handler_precision(hw)
+        self.set_param(params, "training_precision", precision, label)
+        self.set_param(params, "supports_flash_attention", flash, label)

@@ -169,8 +169,3 @@ def load_entry_point_handlers() -> list[LoadedHandler]:
             cls.origin = f"entry point {ep.name} ({dist})"
             out.append(LoadedHandler(cls, cls.origin))
     return out
-
-
-def load_user_handlers() -> list[LoadedHandler]:
-    """Folder handlers first (a user's own files beat installed packages), then entry points."""
-    return load_folder_handlers() + load_entry_point_handlers()

@@ -40,11 +40,11 @@ def adapter_dir(folder: Any, lora: str | Path | None, no_lora: bool, merge_adapt
 
 
 def default_dtype() -> str:
-    """The GPU's best precision; on a CPU bf16 only where it is fast (AVX512-BF16/AMX), else fp32."""
+    """The dtype serving loads in on this machine: `precision.serving_precision`, the one rule."""
     from llm_installer import hardware
+    from llm_installer.precision import serving_precision
 
-    hw = hardware.detect()
-    return hw.best_precision() if hw.cuda else ("bf16" if hw.cpu_bf16_fast else "fp32")
+    return serving_precision(hardware.detect())
 
 
 def load_model(folder: Any, info: Any, *, dtype: str, trust: bool) -> tuple[Any, Any]:

@@ -17,8 +17,8 @@ def meta_peft_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any) ->
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from llm_installer.train.components import lora_target_kwargs
     from llm_installer.train.lora_setup import build_peft_model
-    from llm_installer.train.trainer import lora_target_kwargs
 
     trust = allow_remote_code(info)
     config = AutoConfig.from_pretrained(str(folder.model_dir), trust_remote_code=trust)
@@ -41,11 +41,8 @@ def meta_peft_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any) ->
 
 def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
     """Print the four dry-run sections; return them as data (tests read it)."""
-    from rich.table import Table
-
-    from llm_installer import hardware
     from llm_installer.console import console as default_console
-    from llm_installer.train.trainer import (
+    from llm_installer.train.components import (
         apply_media_settings,
         load_components,
         load_tokenizer_for,
@@ -57,23 +54,50 @@ def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
     folder, info, handler = load_components(plan)
 
     # the data first: image data turns packing off, and the plan table must show what the run will do
-    data = None
+    data = tokenizer = None
     media: list[str] = []
     if plan.value("data"):
         tokenizer = load_tokenizer_for(folder, handler, info)
         data = prepare_run_data(plan, folder, info, tokenizer, handler)
         media = apply_media_settings(plan, data, console, info)
 
+    print_plan_table(plan, console)
+    model = meta_peft_model(plan, folder, info, handler)
+    rows, trainable_total = print_parameter_table(model, console)
+    data_summary = print_data_summary(plan, data, media, console)
+    if data is not None:
+        from llm_installer.chat_format import handler_chat_format
+
+        # what the answers are trained to end with, and what chat/start/export will stop at
+        console.print(f"chat format: {handler_chat_format(handler, tokenizer).describe()}", soft_wrap=True)
+    mem, verdict = print_memory_fit(plan, model, trainable_total, console)
+    console.print("dry run: nothing was trained")
+    return {
+        "plan": plan,
+        "parameters": rows,
+        "trainable": trainable_total,
+        "data": data_summary,
+        "memory": mem,
+        "verdict": verdict,
+    }
+
+
+def print_plan_table(plan: TrainingPlan, console: Any) -> None:
+    """Every setting with its value, source and why."""
+    from rich.table import Table
+
     t = Table(title=f"Training plan for {plan.model['model_id']} (handler {plan.model['handler']})")
-    t.add_column("setting")
-    t.add_column("value")
-    t.add_column("source")
-    t.add_column("why")
-    for key, entry in plan["settings"].items():
+    for column in ("setting", "value", "source", "why"):
+        t.add_column(column)
+    for key, entry in plan.settings.items():
         t.add_row(key, str(entry["value"]), entry["source"], entry["why"])
     console.print(t)
 
-    model = meta_peft_model(plan, folder, info, handler)
+
+def print_parameter_table(model: Any, console: Any) -> tuple[list[Any], int]:
+    """Trainable and total parameters per group; (the rows, the trainable total)."""
+    from rich.table import Table
+
     from llm_installer.handlers.targets import parameter_group_table
 
     rows = list(parameter_group_table(model))
@@ -89,39 +113,48 @@ def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
         trainable_total += int(trainable)
         pt.add_row(str(group), f"{int(trainable):,}", f"{int(total):,}")
     console.print(pt)
+    return rows, trainable_total
 
-    data_summary: dict[str, Any] = {}
-    if data is not None:
-        lengths = [len(e["input_ids"]) for e in data.train]
-        labelled = sum(sum(1 for t in e["labels"] if t != -100) for e in data.train)
-        data_summary = {
-            "train_examples": len(data.train),
-            "validation_examples": len(data.validation),
-            "train_tokens": sum(lengths),
-            "label_tokens": labelled,
-            "max_length": max(lengths) if lengths else 0,
-            "fingerprint": getattr(data, "fingerprint", None),
-        }
-        if media:
-            data_summary["media"] = ", ".join(media)
-            data_summary["packing"] = plan.value("packing")
-        dt = Table(title=f"Data: {plan.value('data')}")
-        dt.add_column("item")
-        dt.add_column("value", justify="right")
-        for k, v in data_summary.items():
-            dt.add_row(k, str(v))
-        stats = getattr(data, "stats", None)
-        if isinstance(stats, dict):
-            for k in ("rejected", "duplicates", "truncated"):
-                if k in stats:
-                    dt.add_row(k, str(stats[k]))
-        console.print(dt)
-        from llm_installer.chat_format import handler_chat_format
 
-        # what the answers are trained to end with, and what chat/start/export will stop at
-        console.print(f"chat format: {handler_chat_format(handler, tokenizer).describe()}", soft_wrap=True)
-    else:
+def print_data_summary(plan: TrainingPlan, data: Any, media: list[str], console: Any) -> dict[str, Any]:
+    """Examples, tokens, label tokens, longest example (and the media keys of image data)."""
+    from rich.table import Table
+
+    if data is None:
         console.print("data: not given (pass --data to see the dataset summary)")
+        return {}
+    lengths = [len(e["input_ids"]) for e in data.train]
+    labelled = sum(sum(1 for t in e["labels"] if t != -100) for e in data.train)
+    summary: dict[str, Any] = {
+        "train_examples": len(data.train),
+        "validation_examples": len(data.validation),
+        "train_tokens": sum(lengths),
+        "label_tokens": labelled,
+        "max_length": max(lengths) if lengths else 0,
+        "fingerprint": getattr(data, "fingerprint", None),
+    }
+    if media:
+        summary["media"] = ", ".join(media)
+        summary["packing"] = plan.value("packing")
+    dt = Table(title=f"Data: {plan.value('data')}")
+    dt.add_column("item")
+    dt.add_column("value", justify="right")
+    for k, v in summary.items():
+        dt.add_row(k, str(v))
+    stats = getattr(data, "stats", None)
+    if isinstance(stats, dict):
+        for k in ("rejected", "duplicates", "truncated"):
+            if k in stats:
+                dt.add_row(k, str(stats[k]))
+    console.print(dt)
+    return summary
+
+
+def print_memory_fit(plan: TrainingPlan, model: Any, trainable_total: int, console: Any) -> tuple[dict, str]:
+    """The memory estimate against this machine's GPU or available RAM; (estimate, verdict)."""
+    from rich.table import Table
+
+    from llm_installer import hardware
 
     cfg = model.get_base_model().config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -136,10 +169,8 @@ def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
     if hw.cuda and hw.gpu:
         available, where = hw.gpu.memory_gb, f"GPU {hw.gpu.name} ({hw.gpu.memory_gb:.1f} GiB)"
     else:
-        available, where = (
-            hw.ram_available_gb,
-            f"available RAM ({hw.ram_available_gb:.1f} of {hw.ram_gb:.1f} GiB)",
-        )
+        available = hw.ram_available_gb
+        where = f"available RAM ({hw.ram_available_gb:.1f} of {hw.ram_gb:.1f} GiB)"
     verdict = (
         "fits"
         if mem["total_gb"] <= 0.8 * available
@@ -154,12 +185,4 @@ def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
         mt.add_row(k.removesuffix("_gb"), f"{v:.2f}")
     console.print(mt)
     console.print(f"estimated peak {mem['total_gb']:.2f} GiB vs {where}: {verdict}", soft_wrap=True)
-    console.print("dry run: nothing was trained")
-    return {
-        "plan": plan,
-        "parameters": rows,
-        "trainable": trainable_total,
-        "data": data_summary,
-        "memory": mem,
-        "verdict": verdict,
-    }
+    return mem, verdict

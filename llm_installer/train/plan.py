@@ -4,80 +4,33 @@ Precedence, lowest first: built-in default < the model's handler (`get_training_
 machine's hardware < the chosen mode < the user's flags. The plan is a plain JSON-serialisable dict so it
 can be printed by `train --dry-run`, stored in `adapter_info.json` and hashed into the resume fingerprint;
 the trainer reads only the plan, never the command line.
+
+The setting types and defaults are `plan_types.PlanValues`; `build_plan` runs the layers below in order
+(`normalize_user_flags`, `apply_defaults`, `apply_handler`, `apply_hardware`, `apply_mode`, `apply_user`,
+`derive_settings`, `check_plan`), each a step a reader can name.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llm_installer.errors import UserError
 from llm_installer.train.modes import MODES, mode_settings
+from llm_installer.train.plan_types import DEFAULTS, NOT_FINGERPRINTED, PLAN_VERSION, PlanValues, TrainingPlan
 
-PLAN_VERSION = 1
+if TYPE_CHECKING:
+    from llm_installer.handlers.params import HandlerParams
 
-# Built-in defaults with the reason each exists.
-DEFAULTS: dict[str, tuple[Any, str]] = {
-    "data": (None, "required: --data"),
-    "format": ("auto", "detect the dataset format per file"),
-    "mode": ("medium", "the balanced mode"),
-    "method": ("lora", "plain LoRA works on every device"),
-    "epochs": (3, "usual LoRA recipe"),
-    "max_steps": (None, "no step limit"),
-    "batch_size": (4, "examples per optimizer micro-step"),
-    "gradient_accumulation": (1, "no accumulation"),
-    "learning_rate": (2e-4, "usual LoRA learning rate"),
-    "lr_scheduler": ("cosine", "usual LoRA schedule"),
-    "warmup_ratio": (0.03, "short warmup"),
-    "weight_decay": (0.0, "LoRA weights are small already"),
-    "max_grad_norm": (1.0, "gradient clipping"),
-    "lora_r": (16, "LoRA rank"),
-    "lora_alpha": (None, "2 x rank"),
-    "lora_dropout": (0.05, "light regularisation"),
-    "lora_rank_factor": (1, "rank multiplier of the mode"),
-    "learning_rate_factor": (1.0, "learning-rate multiplier of the mode"),
-    "target_modules": (None, "every linear layer"),
-    "modules_to_save": (None, "none"),
-    "max_seq_length": (2048, "conservative sequence limit"),
-    "max_examples": (None, "use every example"),
-    "validation_split": (0.1, "10% held out for early stopping and the report"),
-    "patience": (3, "evaluations without improvement before stopping"),
-    "overfitting_threshold": (
-        0.5,
-        "stop when validation loss exceeds training loss by this much and keeps growing",
-    ),
-    "perfect_loss": (0.01, "training loss this low cannot improve: stop"),
-    "auto_stop": (True, "early stopping, overfitting and perfect-loss checks on"),
-    "force_epochs": (False, "auto-stop allowed"),
-    "plateau_cycles": (None, "no plateau stop outside circle mode"),
-    "plateau_tolerance": (0.01, "relative improvement below which the loss counts as flat"),
-    "keep_best": (False, "the adapter is the last state"),
-    "optimizer": ("adamw_torch", "AdamW, the LoRA standard"),
-    "seed": (42, "reproducible runs"),
-    "train_on_inputs": (False, "loss on assistant answers only"),
-    "strict": (False, "bad records are skipped and written to rejects.jsonl in the run folder"),
-    "system_prompt": (None, "the chat template's own default"),
-    "packing": (True, "padding-free batches: no compute on padding, no cross-example attention"),
-    "head_on_labels": (True, "output head only where the loss needs it"),
-    "fused_lora": (True, "LoRA layers in one fused forward/backward (plain LoRA, no dropout)"),
-    "precision": ("fp32", "safe everywhere"),
-    "gradient_checkpointing": (False, "not needed for small models"),
-    "attn_implementation": ("sdpa", "PyTorch fused attention, packing-aware"),
-    "torch_threads": (None, "torch's default"),
-    "eval_steps": (None, "evaluate once per epoch"),
-    "save_steps": (None, "checkpoint once per epoch"),
-    "save_total_limit": (3, "keep the 3 newest checkpoints"),
-    "logging_steps": (5, "log every 5 steps"),
-    "tensorboard": (True, "TensorBoard logs in the run folder"),
-    "report_prompts": (3, "held-out prompts answered before/after in report.md"),
-    "report_max_new_tokens": (64, "answer length in the report"),
-    "output": (None, "the model folder's lora/"),
-    "resume": (None, "start a new run"),
-    "device": ("cpu", "no accelerator"),
-}
+__all__ = [
+    "DEFAULTS",
+    "NOT_FINGERPRINTED",
+    "PLAN_VERSION",
+    "PlanValues",
+    "TrainingPlan",
+    "build_plan",
+]  # plan_types re-exported
 
 # Handler parameter names (the seed's contract and common synonyms) -> plan keys.
 HANDLER_KEYS: dict[str, str] = {
@@ -131,28 +84,6 @@ USER_KEYS = (
     "system_prompt",
 )
 
-# Settings that do not change the trajectory of the weights: left out of the resume fingerprint.
-NOT_FINGERPRINTED = {
-    "resume",
-    "output",
-    "tensorboard",
-    "logging_steps",
-    "report_prompts",
-    "report_max_new_tokens",
-    "patience",
-    "overfitting_threshold",
-    "perfect_loss",
-    "auto_stop",
-    "force_epochs",
-    "plateau_cycles",
-    "plateau_tolerance",
-    "keep_best",
-    "save_steps",
-    "save_total_limit",
-    "torch_threads",
-    "epochs",
-    "max_steps",
-}
 
 OPTIMIZERS = {
     "adamw": "adamw_torch",
@@ -169,65 +100,6 @@ OPTIMIZERS = {
 BNB_OPTIMIZERS = {"adamw_bnb_8bit", "paged_adamw_8bit"}
 METHODS = ("lora", "qlora", "dora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-class TrainingPlan(dict):
-    """`{"version", "model": {...}, "settings": {key: {"value", "source", "why"}}}` — plain JSON.
-
-    A dict subclass so `json.dumps(plan)` works and the plan can be rebuilt from adapter_info.json;
-    `plan[key]`-style access to settings goes through `value(key)`.
-    """
-
-    def value(self, key: str, default: Any = None) -> Any:
-        entry = self["settings"].get(key)
-        return default if entry is None else entry["value"]
-
-    def source(self, key: str) -> str | None:
-        entry = self["settings"].get(key)
-        return None if entry is None else entry["source"]
-
-    def values(self) -> dict[str, Any]:  # type: ignore[override]
-        """Every setting's value (no provenance)."""
-        return {k: v["value"] for k, v in self["settings"].items()}
-
-    @property
-    def model(self) -> dict[str, Any]:
-        return self["model"]
-
-    def fingerprint(self, data_fingerprint: str | None = None) -> str:
-        """sha256 of base model + revision, data fingerprint and the trajectory-relevant settings.
-
-        A resumed run must match it: continuing from a checkpoint of another model, dataset or recipe would
-        silently mix two runs.
-        """
-        relevant = {k: v for k, v in self.values().items() if k not in NOT_FINGERPRINTED}
-        payload = {
-            "model_id": self["model"].get("model_id"),
-            "revision": self["model"].get("revision"),
-            "data": data_fingerprint,
-            "settings": relevant,
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    def to_json(self) -> str:
-        return json.dumps(self, indent=2, sort_keys=False, default=str)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainingPlan:
-        return cls(json.loads(json.dumps(data, default=str)))
-
-
-class _Resolver:
-    """Collects settings layer by layer, remembering the last layer that set each one."""
-
-    def __init__(self) -> None:
-        self.settings: dict[str, dict[str, Any]] = {}
-
-    def set(self, key: str, value: Any, source: str, why: str = "") -> None:
-        self.settings[key] = {"value": value, "source": source, "why": why}
-
-    def get(self, key: str) -> Any:
-        return self.settings[key]["value"]
 
 
 def auto_lora_rank(num_parameters: int | None) -> tuple[int, str]:
@@ -304,7 +176,7 @@ def _bitsandbytes_available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def forces_4bit(hparams: Mapping[str, Any]) -> bool:
+def forces_4bit(hparams: HandlerParams | Mapping[str, Any]) -> bool:
     """The handler asks for 4-bit base weights (the seed's pattern 4 for models over 30B)."""
     return bool(hparams.get("force_4bit")) or hparams.get("quantization") in ("4bit", "4-bit", "nf4")
 
@@ -328,80 +200,74 @@ def check_method(method: str, source: str, hw: Any, info: Any) -> None:
         raise UserError("--method qlora needs bitsandbytes: pip install bitsandbytes (or use --method lora)")
 
 
-def _text_config(info: Any) -> dict[str, Any]:
-    cfg = dict(info.config or {})
-    text = cfg.get("text_config")
-    return {**cfg, **text} if isinstance(text, dict) else cfg
-
-
 def model_shapes(info: Any) -> tuple[int, int | None]:
     """(hidden size, MLP width) from the model's config, for the precision probe (defaults when absent)."""
-    cfg = _text_config(info)
+    cfg = info.merged_config
     hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model") or info.hidden_size or 1024
     inter = cfg.get("intermediate_size") or cfg.get("moe_intermediate_size") or cfg.get("n_inner")
     return int(hidden), (int(inter) if inter else None)
 
 
-def resolve_precision(r: _Resolver, hw: Any, info: Any) -> None:
+def resolve_precision(plan: TrainingPlan, hw: Any, info: Any) -> None:
     """The precision the run applies: the user's --precision, else measured on this machine (CPU) or the
     GPU's compute capability; a handler's wish is shown when the measurement overrules it."""
     from llm_installer.precision import choose_precision
 
-    entry = r.settings["precision"]
-    requested = entry["value"] if entry["source"] == "user" else "auto"
+    source, wanted = plan.source("precision"), plan.value("precision")
+    requested = wanted if source == "user" else "auto"
     hidden, inter = model_shapes(info)
-    rows = int(r.get("batch_size")) * int(r.get("max_seq_length"))
+    rows = int(plan.value("batch_size")) * int(plan.value("max_seq_length"))
     choice = choose_precision(requested, hw, hidden=hidden, intermediate=inter, rows=rows)
-    if entry["source"] == "user":
-        r.set("precision", choice.precision, "user", choice.why)
+    if source == "user":
+        plan.set("precision", choice.precision, "user", choice.why)
         return
-    asked = (
-        f" (handler asked {entry['value']})"
-        if entry["source"] == "handler" and entry["value"] != choice.precision
-        else ""
-    )
-    r.set("precision", choice.precision, "hardware", choice.why + asked)
+    asked = f" (handler asked {wanted})" if source == "handler" and wanted != choice.precision else ""
+    plan.set("precision", choice.precision, "hardware", choice.why + asked)
 
 
-def resolve_attention(r: _Resolver, hw: Any, info: Any, hparams: Mapping[str, Any]) -> None:
+def resolve_attention(
+    plan: TrainingPlan, device: str, info: Any, hparams: HandlerParams, *, allow_flash: bool = True
+) -> None:
     """Packing and the attention implementation through `train.attention`'s rule (one home for it).
 
     Packing goes off, with the reason, for a model whose packed rows would not be exact (an explicit
     --packing there is refused); the handler's `supports_flash_attention` lets flash-attention 2 in on CUDA,
-    and its `special_requirements['attn_implementation']` names the padded-rows implementation."""
+    and its `special_requirements['attn_implementation']` names the padded-rows implementation. Image
+    data re-runs it with packing off (`components.settings_for_media`, without flash attention)."""
     import importlib.util
 
     from llm_installer.train.attention import choose_attention, packing_blocker
 
     cfg = dict(info.config or {})
     model_type = info.model_type or cfg.get("model_type") or ""
-    if r.get("packing"):
+    if plan.value("packing"):
         blocker = packing_blocker(model_type, cfg)
         if blocker:
-            if r.settings["packing"]["source"] == "user":
+            if plan.source("packing") == "user":
                 raise UserError(
                     f"--packing: packed rows are not exact for {info.model_id}: {blocker}; drop --packing"
                 )
-            r.set("packing", False, "handler", f"padded rows: {blocker}")
+            plan.set("packing", False, "handler", f"padded rows: {blocker}")
     flash = (
-        bool(hparams.get("supports_flash_attention")) and importlib.util.find_spec("flash_attn") is not None
+        allow_flash
+        and bool(hparams.supports_flash_attention)
+        and importlib.util.find_spec("flash_attn") is not None
     )
     impl, why = choose_attention(
-        model_type, cfg, packing=bool(r.get("packing")), device=hw.accelerator, flash_available=flash
+        model_type, cfg, packing=bool(plan.value("packing")), device=device, flash_available=flash
     )
-    wanted = (hparams.get("special_requirements") or {}).get("attn_implementation")
-    if not r.get("packing") and wanted and impl != "flash_attention_2" and wanted != impl:
+    wanted = hparams.special_requirements.get("attn_implementation")
+    if not plan.value("packing") and wanted and impl != "flash_attention_2" and wanted != impl:
         impl, why = wanted, f"padded rows: the handler's special_requirements ask {wanted}"
-    source = "handler" if wanted == impl else r.settings["packing"]["source"]
-    r.set("attn_implementation", impl, source, why)
+    plan.set("attn_implementation", impl, "handler" if wanted == impl else plan.source("packing"), why)
 
 
-def resolve_expert_lora(r: _Resolver) -> None:
+def resolve_expert_lora(plan: TrainingPlan) -> None:
     """State what fused MoE experts get: PEFT's expert wrapper takes no dropout and no DoRA, so they train
     plain LoRA without dropout while the other layers keep the mode's settings (train.lora_setup)."""
     from llm_installer.train.lora_setup import describe_expert_settings
 
-    targets = r.get("target_modules")
+    targets = plan.value("target_modules")
     if not isinstance(targets, list):
         return
     experts = [t for t in targets if "experts." in t and not t.startswith("shared_expert")]
@@ -410,29 +276,18 @@ def resolve_expert_lora(r: _Resolver) -> None:
     others = [t for t in targets if t not in experts]
     why = describe_expert_settings(
         {"target_parameters": experts, "target_modules": others},
-        dropout=r.get("lora_dropout"),
-        method=r.get("method"),
+        dropout=plan.value("lora_dropout"),
+        method=plan.value("method"),
     )
-    r.set("expert_lora", "dropout 0, plain LoRA", "handler", why or "")
+    plan.set("expert_lora", "dropout 0, plain LoRA", "handler", why or "")
 
 
-def build_plan(
-    model_folder: Any,
-    args: Any = None,
-    *,
-    info: Any = None,
-    handler: Any = None,
-    hardware: Any = None,
-) -> TrainingPlan:
-    """Resolve every training setting for `model_folder` from the layers, recording each one's source.
+# ---- build_plan's steps, in their order ------------------------------------------------------------------
 
-    `args` holds the user's flags (a mapping or argparse-like namespace; None or missing = not given).
-    `info`, `handler` and `hardware` default to the folder's ModelInfo, the registry's handler for it and
-    `hardware.detect()`; they are parameters so other front ends (a web UI, a sweep) can reuse the resolver.
-    """
-    from llm_installer import hardware as hw_mod
-    from llm_installer.model_info import ModelInfo
 
+def normalize_user_flags(args: Any) -> dict[str, Any]:
+    """The flags the user gave (None = not given), in plan keys and checked: --no-tensorboard, --resume and
+    --resume-from, --target-modules lists, --precision auto (= not given) and optimizer aliases."""
     user = {k: v for k, v in _args_dict(args).items() if v is not None}
     if "no_tensorboard" in user:
         if user.pop("no_tensorboard"):
@@ -450,129 +305,12 @@ def build_plan(
         user.pop("precision")  # the hardware layer decides, as without the flag
     if user.get("optimizer"):
         user["optimizer"] = OPTIMIZERS[user["optimizer"]]
+    return user
 
-    root = Path(model_folder.root) if hasattr(model_folder, "root") else Path(model_folder)
-    if info is None:
-        info = model_folder.load_info()
-    info = ModelInfo.coerce(info)
-    if handler is None:
-        from llm_installer.handlers.registry import get_handler
 
-        handler = get_handler(info)
-    hw = hardware or hw_mod.detect()
-
-    r = _Resolver()
-    # 1. defaults
-    for key, (value, why) in DEFAULTS.items():
-        r.set(key, value, "default", why)
-
-    # 2. handler
-    handler_name = getattr(handler, "name", type(handler).__name__)
-    try:
-        hparams = dict(handler.get_training_parameters() or {})
-    except Exception as exc:  # a user handler that breaks must not hide behind a traceback
-        raise UserError(f"handler {handler_name} failed in get_training_parameters(): {exc}") from None
-    for hkey, pkey in HANDLER_KEYS.items():
-        value = hparams.get(hkey)
-        if value is None or (hkey == "training_precision" and value == "auto"):
-            continue
-        if pkey == "target_modules":
-            value = _parse_targets(value)
-        r.set(pkey, value, "handler", f"{handler_name}: {hkey}")
-    if info.context_length and r.get("max_seq_length") > info.context_length:
-        r.set("max_seq_length", info.context_length, "handler", f"model context length {info.context_length}")
-    if forces_4bit(hparams):
-        r.set(
-            "method",
-            "qlora",
-            "handler",
-            f"{handler_name}: force_4bit (the seed's pattern 4: >30B models train 4-bit)",
-        )
-
-    # auto rank by size sits at the handler layer: the handler may state its own rank
-    if r.settings["lora_r"]["source"] == "default":
-        rank, why = auto_lora_rank(info.num_parameters or (info.params_billions or 0) * 1e9 or None)
-        r.set("lora_r", rank, "model size", why)
-
-    # 3. hardware (precision and attention are decided below, once the batch shape is known)
-    r.set("device", hw.accelerator, "hardware", f"{hw.accelerator} detected")
-    r.set("torch_threads", hw.cpu_count, "hardware", f"{hw.cpu_count} CPU cores")
-    params_b = info.params_billions or 0
-    if hw.accelerator == "cpu" and r.get("gradient_checkpointing") and params_b < 3:
-        r.set(
-            "gradient_checkpointing",
-            False,
-            "hardware",
-            "CPU with a small model: recomputation costs ~27% and memory is ample",
-        )
-
-    # 4. mode
-    mode = user.get("mode", "medium")
-    for key, value in mode_settings(mode).items():
-        r.set(key, value, "mode", f"--mode {mode}")
-    if info.context_length and r.get("max_seq_length") > info.context_length:
-        r.set("max_seq_length", info.context_length, "mode", f"model context length {info.context_length}")
-    # Modes scale the handler's recommendations rather than replace them: a 70B model and a 135M one
-    # need very different rates, and the handler knows which.
-    factor = r.get("learning_rate_factor")
-    if factor != 1:
-        base_lr = r.get("learning_rate")
-        r.set(
-            "learning_rate",
-            float(f"{base_lr * factor:.3g}"),
-            "mode",
-            f"--mode {mode}: {factor:g} x {base_lr:g} ({r.settings['learning_rate']['source']})",
-        )
-    if r.get("lora_rank_factor") != 1:
-        base_r = r.get("lora_r")
-        r.set(
-            "lora_r",
-            int(base_r * r.get("lora_rank_factor")),
-            "mode",
-            f"--mode {mode}: rank x{r.get('lora_rank_factor')} of {base_r}",
-        )
-        if r.settings["lora_alpha"]["source"] == "handler":
-            r.set("lora_alpha", None, "mode", "2 x rank")
-
-    # 5. user flags
-    for key in USER_KEYS:
-        if key in user:
-            flag = "--" + key.replace("_", "-")
-            r.set(key, user[key], "user", flag)
-    if "tensorboard" in user and not user["tensorboard"]:
-        r.set("tensorboard", False, "user", "--no-tensorboard")
-    if "resume" in user:
-        r.set("resume", user["resume"], "user", "--resume-from" if user["resume"] != "latest" else "--resume")
-
-    # derived settings
-    resolve_precision(r, hw, info)
-    resolve_attention(r, hw, info, hparams)
-    if r.get("method") != "lora":
-        r.set("fused_lora", False, r.settings["method"]["source"], "DoRA/QLoRA layers run PEFT's own forward")
-    resolve_expert_lora(r)
-    if r.settings["lora_r"]["source"] == "user" and r.settings["lora_alpha"]["source"] != "user":
-        r.set("lora_alpha", None, "user", "2 x rank")
-    if r.get("lora_alpha") is None:
-        r.set("lora_alpha", 2 * r.get("lora_r"), r.settings["lora_r"]["source"], "2 x rank")
-    if r.get("force_epochs"):
-        r.set(
-            "auto_stop",
-            False,
-            "user",
-            "--force-epochs turns early stopping, overfitting and perfect-loss stops off",
-        )
-        r.set("plateau_cycles", None, "user", "--force-epochs")
-    if r.get("max_steps") == 0:
-        r.set("max_steps", None, "user", "--max-steps 0 means no limit")
-    if r.get("optimizer") in BNB_OPTIMIZERS and not (hw.cuda and _bitsandbytes_available()):
-        raise UserError(
-            f"--optimizer {r.get('optimizer')} needs bitsandbytes on an NVIDIA GPU; use --optimizer adamw"
-        )
-    check_method(r.get("method"), r.settings["method"]["source"], hw, info)
-    if r.get("data") is None and not user.get("_allow_no_data"):
-        raise UserError("--data is required: a dataset file, folder, glob or bundled example name")
-
-    model = {
+def model_record(root: Path, info: Any, handler: Any) -> dict[str, Any]:
+    """The plan's `model` section: what was trained, and the handler class that planned it."""
+    return {
         "folder": str(root),
         "model_id": info.model_id,
         "revision": info.revision,
@@ -582,11 +320,160 @@ def build_plan(
         "task": info.task,
         "num_parameters": info.num_parameters,
         "context_length": info.context_length,
-        "handler": handler_name,
-        "handler_class": f"{type(handler).__module__}.{type(handler).__qualname__}",
+        "handler": getattr(handler, "name", type(handler).__name__),
+        "handler_class": handler_class_path(type(handler)),
     }
-    plan = TrainingPlan(version=PLAN_VERSION, model=model, settings=r.settings)
-    return TrainingPlan.from_dict(plan)
+
+
+def handler_class_path(cls: type) -> str:
+    """`module.QualName` of a handler class, as the plan records it (the trainer checks it)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def apply_defaults(plan: TrainingPlan) -> None:
+    """Layer 1: the built-in defaults (plan_types.PlanValues), each with the reason it exists."""
+    for key, (value, why) in DEFAULTS.items():
+        plan.set(key, value, "default", why)
+
+
+def apply_handler(plan: TrainingPlan, hparams: HandlerParams, info: Any, handler_name: str) -> None:
+    """Layer 2: the handler's recommendations (HANDLER_KEYS), the context cap, forced 4-bit, and the
+    rank by model size where the handler states none."""
+    for hkey, pkey in HANDLER_KEYS.items():
+        value = getattr(hparams, hkey)
+        if value is None or (hkey == "training_precision" and value == "auto"):
+            continue
+        if pkey == "target_modules":
+            value = _parse_targets(value)
+        plan.set(pkey, value, "handler", f"{handler_name}: {hkey}")
+    _cap_to_context(plan, info, "handler")
+    if forces_4bit(hparams):
+        why = f"{handler_name}: force_4bit (the seed's pattern 4: >30B models train 4-bit)"
+        plan.set("method", "qlora", "handler", why)
+    # auto rank by size sits at the handler layer: the handler may state its own rank
+    if plan.source("lora_r") == "default":
+        rank, why = auto_lora_rank(info.num_parameters or (info.params_billions or 0) * 1e9 or None)
+        plan.set("lora_r", rank, "model size", why)
+
+
+def _cap_to_context(plan: TrainingPlan, info: Any, source: str) -> None:
+    if info.context_length and plan.value("max_seq_length") > info.context_length:
+        plan.set("max_seq_length", info.context_length, source, f"model context length {info.context_length}")
+
+
+def apply_hardware(plan: TrainingPlan, hw: Any, info: Any) -> None:
+    """Layer 3: device and threads (precision and attention are derived once the batch shape is known)."""
+    plan.set("device", hw.accelerator, "hardware", f"{hw.accelerator} detected")
+    plan.set("torch_threads", hw.cpu_count, "hardware", f"{hw.cpu_count} CPU cores")
+    if hw.accelerator == "cpu" and plan.value("gradient_checkpointing") and (info.params_billions or 0) < 3:
+        why = "CPU with a small model: recomputation costs ~27% and memory is ample"
+        plan.set("gradient_checkpointing", False, "hardware", why)
+
+
+def apply_mode(plan: TrainingPlan, mode: str) -> None:
+    """Layer 4: the mode's settings. Modes scale the handler's learning rate and rank rather than replace
+    them: a 70B model and a 135M one need very different rates, and the handler knows which."""
+    for key, value in mode_settings(mode).items():
+        plan.set(key, value, "mode", f"--mode {mode}")
+    factor = plan.value("learning_rate_factor")
+    if factor != 1:
+        base_lr = plan.value("learning_rate")
+        why = f"--mode {mode}: {factor:g} x {base_lr:g} ({plan.source('learning_rate')})"
+        plan.set("learning_rate", float(f"{base_lr * factor:.3g}"), "mode", why)
+    rank_factor = plan.value("lora_rank_factor")
+    if rank_factor != 1:
+        base_r = plan.value("lora_r")
+        plan.set(
+            "lora_r", int(base_r * rank_factor), "mode", f"--mode {mode}: rank x{rank_factor} of {base_r}"
+        )
+        if plan.source("lora_alpha") == "handler":
+            plan.set("lora_alpha", None, "mode", "2 x rank")
+
+
+def apply_user(plan: TrainingPlan, user: Mapping[str, Any]) -> None:
+    """Layer 5: the user's flags, each credited to its flag."""
+    for key in USER_KEYS:
+        if key in user:
+            plan.set(key, user[key], "user", "--" + key.replace("_", "-"))
+    if "tensorboard" in user and not user["tensorboard"]:
+        plan.set("tensorboard", False, "user", "--no-tensorboard")
+    if "resume" in user:
+        plan.set(
+            "resume", user["resume"], "user", "--resume-from" if user["resume"] != "latest" else "--resume"
+        )
+
+
+def derive_settings(plan: TrainingPlan, hw: Any, info: Any, hparams: HandlerParams) -> None:
+    """Settings that follow from the others: precision, attention, fused LoRA, expert LoRA, alpha,
+    --force-epochs and --max-steps 0."""
+    resolve_precision(plan, hw, info)
+    resolve_attention(plan, hw.accelerator, info, hparams)
+    if plan.value("method") != "lora":
+        plan.set("fused_lora", False, plan.source("method"), "DoRA/QLoRA layers run PEFT's own forward")
+    resolve_expert_lora(plan)
+    if plan.source("lora_r") == "user" and plan.source("lora_alpha") != "user":
+        plan.set("lora_alpha", None, "user", "2 x rank")
+    if plan.value("lora_alpha") is None:
+        plan.set("lora_alpha", 2 * plan.value("lora_r"), plan.source("lora_r"), "2 x rank")
+    if plan.value("force_epochs"):
+        why = "--force-epochs turns early stopping, overfitting and perfect-loss stops off"
+        plan.set("auto_stop", False, "user", why)
+        plan.set("plateau_cycles", None, "user", "--force-epochs")
+    if plan.value("max_steps") == 0:
+        plan.set("max_steps", None, "user", "--max-steps 0 means no limit")
+
+
+def check_plan(plan: TrainingPlan, hw: Any, info: Any, user: Mapping[str, Any]) -> None:
+    """Refuse, with one line, a plan this machine cannot run or one without data."""
+    if plan.value("optimizer") in BNB_OPTIMIZERS and not (hw.cuda and _bitsandbytes_available()):
+        raise UserError(
+            f"--optimizer {plan.value('optimizer')} needs bitsandbytes on an NVIDIA GPU; use --optimizer adamw"
+        )
+    check_method(plan.value("method"), plan.source("method"), hw, info)
+    if plan.value("data") is None and not user.get("_allow_no_data"):
+        raise UserError("--data is required: a dataset file, folder, glob or bundled example name")
+
+
+def build_plan(
+    model_folder: Any,
+    args: Any = None,
+    *,
+    info: Any = None,
+    handler: Any = None,
+    hardware: Any = None,
+) -> TrainingPlan:
+    """Resolve every training setting for `model_folder` from the layers, recording each one's source.
+
+    `args` holds the user's flags (a mapping or argparse-like namespace; None or missing = not given).
+    `info`, `handler` and `hardware` default to the folder's ModelInfo, the registry's handler for it and
+    `hardware.detect()`; they are parameters so other front ends (a web UI, a sweep) can reuse the resolver.
+    """
+    from llm_installer import hardware as hw_mod
+    from llm_installer.handlers.params import handler_params
+    from llm_installer.model_info import ModelInfo
+
+    user = normalize_user_flags(args)
+    root = Path(model_folder.root) if hasattr(model_folder, "root") else Path(model_folder)
+    info = ModelInfo.coerce(model_folder.load_info() if info is None else info)
+    if handler is None:
+        from llm_installer.handlers.registry import get_handler
+
+        handler = get_handler(info)
+    hw = hardware or hw_mod.detect()
+    # the handler is asked once, here: later stages read what the plan recorded
+    hparams = handler.training_params() if hasattr(handler, "training_params") else handler_params(handler)
+    plan = TrainingPlan(
+        version=PLAN_VERSION, model=model_record(root, info, handler), handler_params=hparams.to_dict()
+    )
+    apply_defaults(plan)
+    apply_handler(plan, hparams, info, plan.model["handler"])
+    apply_hardware(plan, hw, info)
+    apply_mode(plan, user.get("mode", "medium"))
+    _cap_to_context(plan, info, "mode")
+    apply_user(plan, user)
+    derive_settings(plan, hw, info, hparams)
+    check_plan(plan, hw, info, user)
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------------------

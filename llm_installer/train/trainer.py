@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,13 +22,38 @@ from pathlib import Path
 from typing import Any
 
 from llm_installer import faults
-from llm_installer.consent import allow_remote_code
 from llm_installer.errors import UserError
-from llm_installer.train.plan import TrainingPlan
 
-RUN_INFO = "run_info.json"
-ADAPTER_INFO = "adapter_info.json"
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
+# The pieces and the run folders live in their own modules; their names stay importable from here.
+from llm_installer.train.components import (  # noqa: F401
+    apply_media_settings,
+    data_settings_for,
+    load_components,
+    load_data_processor,
+    load_tokenizer_for,
+    load_training_model,
+    lora_target_kwargs,
+    media_keys,
+    prepare_data,
+    prepare_run_data,
+    settings_for_media,
+)
+from llm_installer.train.plan import TrainingPlan
+from llm_installer.train.run_dir import (  # noqa: F401
+    ADAPTER_INFO,
+    COMPLETE_MARKER,
+    RUN_INFO,
+    check_adapter_target,
+    check_resume_compatible,
+    checkpoint_is_complete,
+    checkpoints,
+    find_resume_checkpoint,
+    mark_checkpoint_complete,
+    new_run_dir,
+    recover_adapter_leftovers,
+    resume_args,
+    write_adapter_atomically,
+)
 
 
 @dataclass
@@ -43,485 +68,6 @@ class TrainResult:
     resumed_from: Path | None = None
     # set when an interrupted run left the finished adapter here in place (its own is in adapter_dir)
     kept_previous: Path | None = None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Run folders and resume
-
-
-def _timestamp() -> str:
-    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def new_run_dir(runs_dir: Path) -> Path:
-    """runs/<YYYYmmdd-HHMMSS>[-n]/ — names sort in creation order."""
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    base = _timestamp()
-    for n in range(1000):
-        name = base if n == 0 else f"{base}-{n:03d}"
-        path = runs_dir / name
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise UserError(f"cannot create a run folder in {runs_dir}: too many runs this second")
-
-
-COMPLETE_MARKER = ".complete"
-
-
-def mark_checkpoint_complete(ckpt: Path) -> None:
-    """Flush a just-saved checkpoint's files to disk, then write its marker: only then may --resume use it.
-
-    A kill or a full disk during the save leaves a folder without the marker, which resume skips."""
-    if not ckpt.is_dir():
-        return
-    for f in ckpt.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    marker = ckpt / COMPLETE_MARKER
-    with open(marker, "w", encoding="utf-8") as fh:
-        fh.write("complete\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def checkpoint_is_complete(ckpt: Path) -> bool:
-    """The marker is there and the files a resume reads are still whole (a rotation may have been cut)."""
-    if not (ckpt / COMPLETE_MARKER).is_file():
-        return False
-    try:
-        json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return any(ckpt.glob("*.safetensors")) and (ckpt / "optimizer.pt").is_file()
-
-
-def checkpoints(run_dir: Path, *, complete_only: bool = True) -> list[Path]:
-    """checkpoint-N folders of a run in numeric order (checkpoint-10 after checkpoint-9); by default only
-    the complete ones (see `mark_checkpoint_complete`)."""
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _CKPT.match(p.name))]
-    return [p for _, p in sorted(found) if not complete_only or checkpoint_is_complete(p)]
-
-
-def find_resume_checkpoint(runs_dir: Path, resume: str) -> Path:
-    """`latest`: the newest run that has a checkpoint, its highest step; else a run or checkpoint path."""
-    if resume == "latest":
-        runs = (
-            sorted((p for p in runs_dir.iterdir() if p.is_dir()), key=lambda p: p.name)
-            if runs_dir.is_dir()
-            else []
-        )
-        for run in reversed(runs):
-            cks = checkpoints(run)
-            if cks:
-                return cks[-1]
-        raise UserError(f"--resume: no checkpoint found under {runs_dir}; start a new run without --resume")
-    path = Path(resume).expanduser()
-    if not path.is_absolute() and not path.exists() and (runs_dir / resume).exists():
-        path = runs_dir / resume
-    if not path.exists():
-        raise UserError(f"--resume-from {resume}: no such run or checkpoint folder")
-    if _CKPT.match(path.name) and path.is_dir():
-        if not checkpoint_is_complete(path):
-            raise UserError(
-                f"--resume-from {resume}: that checkpoint is incomplete (its save was cut short); resume from "
-                f"its run folder {path.parent} to take the newest complete checkpoint"
-            )
-        return path.resolve()
-    cks = checkpoints(path)
-    if not cks:
-        raise UserError(
-            f"--resume-from {resume}: no complete checkpoint-N folder inside; pick a run under {runs_dir}"
-        )
-    return cks[-1].resolve()
-
-
-def resume_args(runs_dir: Path, args: dict[str, Any]) -> dict[str, Any]:
-    """The flags of the run being resumed, overlaid with the ones given now.
-
-    `train NAME --resume` must continue the run as it was started (its mode, data, rank...), so the
-    printed resume command needs no flag repeated; a flag given now still wins and is then checked by the
-    fingerprint like any other change."""
-    from llm_installer.train.plan import USER_KEYS
-
-    resume = args.get("resume_from") or ("latest" if args.get("resume") else None)
-    if not resume:
-        return args
-    ckpt = find_resume_checkpoint(runs_dir, str(resume))
-    try:
-        old = json.loads((ckpt.parent / RUN_INFO).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return args  # check_resume_compatible names the missing file
-    settings = old.get("plan", {}).get("settings", {})
-    given = {
-        key: entry["value"]
-        for key, entry in settings.items()
-        if key in USER_KEYS
-        and key != "resume"
-        and entry.get("source") == "user"
-        and str(entry.get("why", "")).startswith("--")
-    }
-    return {**given, **args}
-
-
-def check_resume_compatible(run_dir: Path, fingerprint: str, plan: TrainingPlan) -> None:
-    """Refuse to continue a run made with another base model, dataset or recipe (naming what changed)."""
-    info_path = run_dir / RUN_INFO
-    try:
-        old = json.loads(info_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        raise UserError(
-            f"cannot resume from {run_dir}: {RUN_INFO} is missing or damaged; start a new run"
-        ) from None
-    if old.get("fingerprint") == fingerprint:
-        return
-    changed = []
-    om, nm = old.get("plan", {}).get("model", {}), plan.model
-    for key in ("model_id", "revision"):
-        if om.get(key) != nm.get(key):
-            changed.append(f"base model {key} {om.get(key)!r} -> {nm.get(key)!r}")
-    from llm_installer.train.plan import NOT_FINGERPRINTED
-
-    oldset = {k: v.get("value") for k, v in old.get("plan", {}).get("settings", {}).items()}
-    for key, value in plan.values().items():
-        if key in NOT_FINGERPRINTED or key in ("data",):
-            continue
-        if key in oldset and json.dumps(oldset[key], default=str) != json.dumps(value, default=str):
-            changed.append(f"{key} {oldset[key]!r} -> {value!r}")
-    what = "; ".join(changed) or "the plan"
-    raise UserError(
-        f"cannot resume {run_dir.name}: it was trained differently ({what}); run without --resume to start "
-        f"a new run, or resume with the original settings"
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Writing the adapter atomically
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def recover_adapter_leftovers(target: Path) -> None:
-    """Undo what a killed adapter write left beside `target`: a half-written `.NAME.tmp-PID` is removed; a
-    `.NAME.old-PID` (the previous adapter, moved aside just before the swap) goes back when `target` is
-    missing, else it is removed. Only leftovers of processes that are gone are touched."""
-    target = Path(target)
-    parent = target.parent
-    if not parent.is_dir():
-        return
-    for kind in ("tmp", "old"):
-        for path in parent.glob(f".{target.name}.{kind}-*"):
-            pid = path.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or _pid_alive(int(pid)):
-                continue
-            if kind == "old" and not target.exists():
-                os.replace(path, target)
-            else:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def check_adapter_target(target: Path, model_root: Path) -> None:
-    """Refuse an adapter destination whose contents a write would destroy.
-
-    Writing an adapter replaces its folder whole, so the target must be new, empty, or an adapter folder
-    already (it has adapter_config.json); never the model folder, its weights, or a folder holding them."""
-    target = Path(target).expanduser().resolve()
-    root = Path(model_root).resolve()
-    if target == root or root.is_relative_to(target) or target.is_relative_to(root / "model"):
-        raise UserError(
-            f"--output {target}: that is the model's own folder (or holds it); writing the adapter there would "
-            "replace it: give a new or empty folder"
-        )
-    if target.exists() and not target.is_dir():
-        raise UserError(f"--output {target}: it is a file; give a new or empty folder")
-    if target.is_dir() and any(target.iterdir()) and not (target / "adapter_config.json").is_file():
-        raise UserError(
-            f"--output {target}: the folder holds other files and an adapter write would replace them all: "
-            "give a new or empty folder, or an adapter folder to overwrite"
-        )
-
-
-def write_adapter_atomically(
-    model: Any,
-    target: Path,
-    info: dict[str, Any],
-    extra_files: list[Path] = (),
-    source_dir: Path | None = None,
-) -> Path:
-    """Save the adapter into a temp folder beside `target`, then swap it in: never a half-written lora/."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_adapter_leftovers(target)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        if source_dir is not None:
-            shutil.copytree(source_dir, tmp)
-        else:
-            model.save_pretrained(str(tmp))
-        (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
-        for f in extra_files:
-            if f and Path(f).is_file():
-                shutil.copy2(f, tmp / Path(f).name)
-        if target.exists():
-            os.replace(target, old)
-            faults.point("adapter.old-aside")
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():
-            os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Building the pieces
-
-
-def data_settings_for(plan: TrainingPlan) -> Any:
-    """The data pipeline's DataSettings from the plan."""
-    from llm_installer.data.prepare import DataSettings
-
-    return DataSettings(
-        format=None if plan.value("format") in (None, "auto") else plan.value("format"),
-        max_seq_length=plan.value("max_seq_length"),
-        max_examples=plan.value("max_examples"),
-        validation_split=plan.value("validation_split"),
-        train_on_inputs=plan.value("train_on_inputs"),
-        seed=plan.value("seed"),
-        strict=bool(plan.value("strict")),
-        system_prompt=plan.value("system_prompt"),
-        # prepared data is cached per model folder, keyed by data + tokenizer + settings
-        cache_dir=str(Path(plan.model["folder"]) / ".cache" / "data"),
-    )
-
-
-def prepare_data(plan: TrainingPlan, tokenizer: Any, handler: Any, rejects_path: Path | None = None) -> Any:
-    from llm_installer.data.prepare import prepare_dataset
-
-    settings = data_settings_for(plan)
-    if rejects_path is not None:
-        settings.rejects_path = str(rejects_path)
-    return prepare_dataset(plan.value("data"), tokenizer, handler, settings)
-
-
-def load_components(plan: TrainingPlan) -> tuple[Any, Any, Any]:
-    """(model folder, ModelInfo, handler) for the plan's model."""
-    from llm_installer.handlers.registry import get_handler
-    from llm_installer.store import ModelFolder
-
-    folder = ModelFolder(Path(plan.model["folder"]))
-    info = folder.load_info()
-    return folder, info, get_handler(info)
-
-
-def load_tokenizer_for(folder: Any, handler: Any, info: Any) -> Any:
-    from llm_installer.loading import load_tokenizer
-
-    tok = load_tokenizer(folder.model_dir, trust_remote_code=allow_remote_code(info))
-    if hasattr(handler, "apply_tokenizer_config"):
-        tok = handler.apply_tokenizer_config(tok) or tok
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_data_processor(folder: Any, info: Any, tokenizer: Any) -> Any:
-    """A vision-language model's processor (sharing `tokenizer`), so that image and video records become
-    pixel tensors; None for text models, or when the folder's processor cannot be loaded."""
-    if getattr(info, "task", None) != "vision_language":
-        return None
-    from llm_installer.loading import load_processor
-
-    processor = load_processor(folder.model_dir, trust_remote_code=allow_remote_code(info))
-    if processor is None or not (
-        hasattr(processor, "image_processor") or hasattr(processor, "video_processor")
-    ):
-        return None
-    if getattr(processor, "tokenizer", None) is not None:
-        processor.tokenizer = tokenizer  # the handler-configured tokenizer the rest of the run uses
-    return processor
-
-
-def prepare_run_data(
-    plan: TrainingPlan, folder: Any, info: Any, tokenizer: Any, handler: Any, rejects_path: Path | None = None
-) -> Any:
-    """prepare_data with the model's processor for vision-language models (images -> pixel_values)."""
-    from llm_installer.errors import DataError
-
-    processor = load_data_processor(folder, info, tokenizer)
-    try:
-        return prepare_data(plan, processor or tokenizer, handler, rejects_path=rejects_path)
-    except DataError as exc:
-        if processor is not None or "no image processor" not in str(exc):
-            raise
-        if getattr(info, "task", None) == "vision_language":
-            raise DataError(
-                f"--data {plan.value('data')}: the data has images or video but the processor of "
-                f"{info.model_id} could not be loaded from {folder.model_dir} (Qwen2-VL's needs torchvision); "
-                "fix the processor or use text-only data"
-            ) from None
-        raise DataError(
-            f"--data {plan.value('data')}: the data has images or video but {info.model_id} is a text-only "
-            "model: train a vision-language model (such as a LLaVA) on it or use text-only data"
-        ) from None
-
-
-def media_keys(examples: list[dict[str, Any]]) -> list[str]:
-    """The keys beside input_ids/labels that the examples carry (pixel_values etc. for image data)."""
-    keys: set[str] = set()
-    for ex in examples:
-        if len(ex) > 2:  # text examples hold input_ids and labels only
-            keys.update(
-                k for k, v in ex.items() if v is not None and not (hasattr(v, "__len__") and not len(v))
-            )
-    return sorted(keys - {"input_ids", "labels"})
-
-
-def settings_for_media(plan: TrainingPlan, keys: list[str], info: Any = None) -> bool:
-    """Switch the plan to padded batches for image/video examples; refuse keys no collator can batch.
-
-    Padding-free packing cannot carry per-example pixel tensors, so such data trains with padded, masked
-    rows (and plain sdpa, since packed_sdpa was chosen for packed rows); the plan records why, with source
-    `data`. Returns True when the plan changed.
-    """
-    from llm_installer.data.collate import MEDIA_KEYS, TOKEN_KEYS
-
-    unknown = [k for k in keys if k not in (*MEDIA_KEYS, *TOKEN_KEYS)]
-    if unknown:
-        raise UserError(
-            f"--data {plan.value('data')}: the model's processor gives "
-            f"{', '.join(unknown)}, which the trainer cannot batch yet (it batches {', '.join(MEDIA_KEYS)}); "
-            "use text-only data for this model"
-        )
-    if not keys:
-        return False
-    why = "image/video examples: padded batches (packed rows cannot carry per-example pixel tensors)"
-    changed = False
-    if plan.value("packing"):
-        plan["settings"]["packing"] = {"value": False, "source": "data", "why": why}
-        changed = True
-    # the packed-rows attention was derived from packing; padded rows take the model's padded choice
-    from llm_installer.train.attention import PACKED_IMPLEMENTATIONS, choose_attention
-
-    if plan.value("attn_implementation") in PACKED_IMPLEMENTATIONS:
-        cfg = dict(getattr(info, "config", None) or {})
-        model_type = getattr(info, "model_type", None) or cfg.get("model_type") or ""
-        impl, _ = choose_attention(
-            model_type, cfg, packing=False, device=plan.value("device"), flash_available=False
-        )
-        plan["settings"]["attn_implementation"] = {"value": impl, "source": "data", "why": why}
-        changed = True
-    return changed
-
-
-def apply_media_settings(plan: TrainingPlan, data: Any, console: Any, info: Any = None) -> list[str]:
-    """settings_for_media for prepared `data`, saying so on `console` when packing goes off; the media keys.
-
-    The training run and `--dry-run` both go through here, so they make (and print) the same choice."""
-    keys = media_keys([*data.train, *data.validation])
-    if settings_for_media(plan, keys, info):
-        console.print(
-            "packing is off for image data: padded batches (packed rows cannot carry per-example pixel "
-            f"tensors); attention {plan.value('attn_implementation')}",
-            soft_wrap=True,
-        )
-    return keys
-
-
-def load_training_model(plan: TrainingPlan, folder: Any, info: Any, handler: Any) -> Any:
-    """Base model in the plan's precision (4-bit for QLoRA), prepared by the handler, wrapped with LoRA/DoRA."""
-    import torch
-
-    from llm_installer.loading import load_model
-
-    method = plan.value("method")
-    precision = plan.value("precision")
-    device = plan.value("device")
-    quant = None
-    load_dtype = "fp32"
-    if device == "cuda" and precision in ("bf16", "fp16"):
-        load_dtype = precision
-    if method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-        )
-    from llm_installer.train.attention import attention_load_kwargs
-
-    model = load_model(
-        folder.model_dir,
-        task=getattr(info, "task", "causal_lm") or "causal_lm",
-        dtype=load_dtype,
-        device_map={"": 0} if quant is not None else None,
-        quantization_config=quant,
-        trust_remote_code=allow_remote_code(info),
-        **attention_load_kwargs(plan.value("attn_implementation")),
-    )
-    model.config.use_cache = False
-    if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(plan.value("gradient_checkpointing"))
-        )
-    model = handler.prepare_model_for_training(model, plan.values()) or model
-    # handlers may switch gradient checkpointing on; the plan has the final word (hardware-aware)
-    ckpt_attr = (
-        "is_activation_checkpointing"
-        if hasattr(type(model), "is_activation_checkpointing")
-        else "is_gradient_checkpointing"
-    )
-    if not plan.value("gradient_checkpointing") and getattr(model, ckpt_attr, False):
-        model.gradient_checkpointing_disable()
-    from llm_installer.train.lora_setup import build_peft_model
-
-    model = build_peft_model(
-        model,
-        r=plan.value("lora_r"),
-        alpha=plan.value("lora_alpha"),
-        dropout=plan.value("lora_dropout"),
-        method=method,
-        target_kwargs=lora_target_kwargs(model, plan, handler),
-    )
-    if plan.value("fused_lora"):
-        from llm_installer.train.lora_fast import fuse_lora_layers
-
-        fuse_lora_layers(model)
-    return model
-
-
-def lora_target_kwargs(model: Any, plan: TrainingPlan, handler: Any) -> dict[str, Any]:
-    """Target modules through the handlers' resolver (user's --target-modules or the handler's list)."""
-    from llm_installer.handlers.targets import resolve_lora_targets
-
-    params = dict(handler.get_training_parameters() or {})
-    targets = plan.value("target_modules")
-    if targets is not None:
-        params["lora_target_modules"] = targets
-    if plan.value("modules_to_save") is not None:
-        params["lora_modules_to_save"] = plan.value("modules_to_save")
-    return dict(resolve_lora_targets(model, params))
 
 
 class _LossTrainer:
@@ -664,6 +210,29 @@ def training_arguments(plan: TrainingPlan, run_dir: Path, has_eval: bool) -> Any
 # The run
 
 
+@dataclass
+class _Run:
+    """What the steps of one run share (built up by `run_training`, step by step)."""
+
+    plan: TrainingPlan
+    console: Any
+    show_progress: bool
+    main: bool
+    folder: Any = None
+    info: Any = None
+    handler: Any = None
+    tokenizer: Any = None
+    target: Path | None = None
+    run_dir: Path | None = None
+    resumed_from: Path | None = None
+    data: Any = None
+    train_set: list[Any] = field(default_factory=list)
+    val_set: list[Any] = field(default_factory=list)
+    data_fp: str = ""
+    fingerprint: str = ""
+    run_info: dict[str, Any] = field(default_factory=dict)
+
+
 def run_training(
     plan: TrainingPlan,
     *,
@@ -672,20 +241,56 @@ def run_training(
     extra_callbacks: list[Any] | None = None,
 ) -> TrainResult:
     """Train the plan's model on the plan's data; write lora/, runs/<timestamp>/ and return what happened."""
+    from llm_installer.chat_format import handler_chat_format
+    from llm_installer.train import callbacks as cb
+    from llm_installer.train.report import generate_with_stops, held_out_prompts
+
+    run = setup_process(TrainingPlan.from_dict(plan), console, show_progress)
+    plan = run.plan
+    run.folder, run.info, run.handler = load_components(plan)
+    run.target = Path(plan.value("output")).expanduser() if plan.value("output") else run.folder.lora_dir
+    check_adapter_target(run.target, run.folder.root)
+    recover_adapter_leftovers(run.target)  # a previous run killed mid-write: its adapter goes back first
+    run.tokenizer = load_tokenizer_for(run.folder, run.handler, run.info)
+    open_run_dir(run)
+    prepare_training_data(run)
+    record_run_start(run)
+
+    model = load_training_model(plan, run.folder, run.info, run.handler)
+    # the template and end-of-turn token the data was rendered with: the report stops where `chat` will
+    chat_format = handler_chat_format(run.handler, run.tokenizer)
+    report_prompts = int(plan.value("report_prompts") or 0)
+    prompts = held_out_prompts(run.val_set or run.train_set, report_prompts) if run.main else []
+    generate = functools.partial(
+        generate_with_stops,
+        max_new_tokens=int(plan.value("report_max_new_tokens") or 32),
+        stop_ids=chat_format.stop_token_ids,
+    )
+    with model.disable_adapter():
+        before = generate(model, run.tokenizer, prompts)
+
+    stats = cb.RunStats()
+    keep_dir = run.run_dir / "best_adapter" if plan.value("keep_best") else None
+    flag = cb.InterruptFlag()
+    callbacks = build_callbacks(plan, stats, flag, keep_dir if run.main else None, run, extra_callbacks)
+    trainer = build_trainer(run, model, stats, callbacks)
+    state, output = train_loop(run, trainer, stats, flag)
+
+    load_best_adapter(model, keep_dir)
+    after = generate(model, run.tokenizer, prompts)
+    metrics = run_metrics(state, output, stats)
+    adapter_info = adapter_info_for(run, metrics, stats, flag.requested, chat_format)
+    return publish(run, model, state, adapter_info, (prompts, before, after), chat_format)
+
+
+def setup_process(plan: TrainingPlan, console: Any, show_progress: bool) -> _Run:
+    """Threads, seed and the distributed group; only the main process prints and writes files."""
     import torch
     from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback
-    from transformers.trainer_callback import ProgressCallback as HFProgress
 
-    from llm_installer.chat_format import handler_chat_format
     from llm_installer.console import console as default_console
-    from llm_installer.train import callbacks as cb
     from llm_installer.train import distributed
-    from llm_installer.train.collate import PaddedCollator, PaddingFreeCollator
-    from llm_installer.train.report import generate_with_stops, held_out_prompts, plot_losses, write_report
 
-    console = console or default_console
-    plan = TrainingPlan.from_dict(plan)
     threads = plan.value("torch_threads")
     if threads and plan.value("device") == "cpu":
         # the plan's threads are the machine's cores: processes on one machine share them (more threads
@@ -695,93 +300,86 @@ def run_training(
     # under torchrun / accelerate launch: one run folder, output and files from the main process only
     distributed.init()
     main = distributed.is_main()
+    console = console or default_console
     if not main:
         from rich.console import Console
 
         console, show_progress = Console(quiet=True), False
+    return _Run(plan=plan, console=console, show_progress=show_progress, main=main)
 
-    folder, info, handler = load_components(plan)
-    target = Path(plan.value("output")).expanduser() if plan.value("output") else folder.lora_dir
-    check_adapter_target(target, folder.root)
-    recover_adapter_leftovers(target)  # a previous run killed mid-write: its adapter goes back first
-    tokenizer = load_tokenizer_for(folder, handler, info)
-    # the run folder first (rejects.jsonl goes into it): a new one, or the one being resumed
-    resumed_from = None
-    if plan.value("resume"):
-        resumed_from = find_resume_checkpoint(folder.runs_dir, str(plan.value("resume")))
-        run_dir = resumed_from.parent
+
+def open_run_dir(run: _Run) -> None:
+    """The run folder (rejects.jsonl goes into it): the one being resumed, or a new one."""
+    from llm_installer.train import distributed
+
+    resume = run.plan.value("resume")
+    if resume:
+        run.resumed_from = find_resume_checkpoint(run.folder.runs_dir, str(resume))
+        run.run_dir = run.resumed_from.parent
     else:
-        run_dir = distributed.broadcast(new_run_dir(folder.runs_dir) if main else None)
-    try:
-        with distributed.main_first():  # the main process fills the prepared-data cache, the others read it
-            data = prepare_run_data(
-                plan,
-                folder,
-                info,
-                tokenizer,
-                handler,
-                rejects_path=run_dir / "rejects.jsonl" if main else None,
-            )
-        # image/video examples (pixel_values etc.) train in padded batches: recorded in the plan before it
-        # is fingerprinted, so a resumed run makes the same choice
-        apply_media_settings(plan, data, console, info)
-    except BaseException:
-        if resumed_from is None and main:  # leave no empty run folder behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    train_set = list(data.train)
-    val_set = list(data.validation)
-    if not train_set:
-        raise UserError(f"--data {plan.value('data')}: no usable training example after preparation")
-    data_fp = str(getattr(data, "fingerprint", ""))
-    fingerprint = plan.fingerprint(data_fp)
+        run.run_dir = distributed.broadcast(new_run_dir(run.folder.runs_dir) if run.main else None)
 
-    # a resumed run must be the same training (same data, same trajectory-changing settings)
-    if resumed_from is not None:
+
+def prepare_training_data(run: _Run) -> None:
+    """The prepared data (the main process fills the cache, the others read it) and the image-data switch
+    to padded batches, recorded in the plan before it is fingerprinted so a resume makes the same choice."""
+    from llm_installer.train import distributed
+
+    plan = run.plan
+    try:
+        with distributed.main_first():
+            rejects = run.run_dir / "rejects.jsonl" if run.main else None
+            run.data = prepare_run_data(plan, run.folder, run.info, run.tokenizer, run.handler, rejects)
+        apply_media_settings(plan, run.data, run.console, run.info)
+    except BaseException:
+        if run.resumed_from is None and run.main:  # leave no empty run folder behind
+            shutil.rmtree(run.run_dir, ignore_errors=True)
+        raise
+    run.train_set, run.val_set = list(run.data.train), list(run.data.validation)
+    if not run.train_set:
+        raise UserError(f"--data {plan.value('data')}: no usable training example after preparation")
+    run.data_fp = str(getattr(run.data, "fingerprint", ""))
+    run.fingerprint = plan.fingerprint(run.data_fp)
+
+
+def record_run_start(run: _Run) -> None:
+    """A resumed run must be the same training (data and trajectory settings); then run_info.json."""
+    from llm_installer.train import distributed
+
+    run_dir = run.run_dir
+    if run.resumed_from is not None:
         old = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
-        if old.get("data_fingerprint") != data_fp:
+        if old.get("data_fingerprint") != run.data_fp:
             raise UserError(
-                f"cannot resume {run_dir.name}: the training data changed (fingerprint {old.get('data_fingerprint')}"
-                f" -> {data_fp}); run without --resume to start a new run"
+                f"cannot resume {run_dir.name}: the training data changed (fingerprint "
+                f"{old.get('data_fingerprint')} -> {run.data_fp}); run without --resume to start a new run"
             )
-        check_resume_compatible(run_dir, fingerprint, plan)
-    run_info = {
-        "fingerprint": fingerprint,
-        "data_fingerprint": data_fp,
-        "plan": plan,
+        check_resume_compatible(run_dir, run.fingerprint, run.plan)
+    run.run_info = {
+        "fingerprint": run.fingerprint,
+        "data_fingerprint": run.data_fp,
+        "plan": run.plan.to_dict(),
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
         "processes": distributed.world_size(),
     }
-    if main:
-        (run_dir / RUN_INFO).write_text(json.dumps(run_info, indent=2, default=str), encoding="utf-8")
-    if plan.value("tensorboard"):
+    if run.main:
+        (run_dir / RUN_INFO).write_text(json.dumps(run.run_info, indent=2, default=str), encoding="utf-8")
+    if run.plan.value("tensorboard"):
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
 
-    model = load_training_model(plan, folder, info, handler)
-    # the template and end-of-turn token the data was rendered with: the report stops where `chat` will
-    chat_format = handler_chat_format(handler, tokenizer)
-    stop_ids = chat_format.stop_token_ids
-    prompts = held_out_prompts(val_set or train_set, int(plan.value("report_prompts") or 0)) if main else []
-    max_new = int(plan.value("report_max_new_tokens") or 32)
-    with model.disable_adapter():
-        before = generate_with_stops(model, tokenizer, prompts, max_new_tokens=max_new, stop_ids=stop_ids)
 
-    stats = cb.RunStats()
-    # with per-example attention a whole batch is one row (no padding at all); with a mask-based
-    # attention, rows of at most max_seq_length keep the row x row mask small
-    row_tokens = int(plan.value("max_seq_length"))
-    from llm_installer.train.attention import attends_per_example
+def build_callbacks(
+    plan: TrainingPlan,
+    stats: Any,
+    flag: Any,
+    keep_dir: Path | None,
+    run: _Run,
+    extra_callbacks: list[Any] | None = None,
+) -> list[Any]:
+    """Auto-stop (when on), best-adapter tracking, graceful interrupt, progress, then the caller's."""
+    from llm_installer.train import callbacks as cb
 
-    if attends_per_example(plan.value("attn_implementation")):
-        row_tokens *= int(plan.value("batch_size"))
-    collator = (
-        PaddingFreeCollator(tokenizer.pad_token_id, row_tokens)
-        if plan.value("packing")
-        else PaddedCollator(tokenizer.pad_token_id)
-    )
-    args = training_arguments(plan, run_dir, has_eval=bool(val_set))
-    keep_dir = run_dir / "best_adapter" if plan.value("keep_best") else None
-    callbacks = []
+    callbacks: list[Any] = []
     if plan.value("auto_stop"):
         callbacks.append(
             cb.AutoStopCallback(
@@ -793,63 +391,95 @@ def run_training(
                 plateau_tolerance=float(plan.value("plateau_tolerance")),
             )
         )
-    callbacks.append(cb.BestTracker(stats, keep_dir if main else None))
-    flag = cb.InterruptFlag()
+    callbacks.append(cb.BestTracker(stats, keep_dir))
     callbacks.append(cb.InterruptCallback(flag, stats))
-    callbacks.append(cb.ProgressCallback(stats, console, enabled=show_progress))
-    callbacks.append(cb.MetricsFileCallback(run_dir / "metrics.jsonl", stats, enabled=main))
-    callbacks += list(extra_callbacks or [])
+    callbacks.append(cb.ProgressCallback(stats, run.console, enabled=run.show_progress))
+    callbacks.append(cb.MetricsFileCallback(run.run_dir / "metrics.jsonl", stats, enabled=run.main))
+    return callbacks + list(extra_callbacks or [])
 
+
+def build_trainer(run: _Run, model: Any, stats: Any, callbacks: list[Any]) -> Any:
+    """The Trainer: our loss, the plan's batch layout (padding-free rows or padded), the plan's arguments."""
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as HFProgress
+
+    from llm_installer.train.attention import attends_per_example
+    from llm_installer.train.collate import PaddedCollator, PaddingFreeCollator
+
+    plan, pad_id = run.plan, run.tokenizer.pad_token_id
+    # with per-example attention a whole batch is one row (no padding at all); with a mask-based
+    # attention, rows of at most max_seq_length keep the row x row mask small
+    row_tokens = int(plan.value("max_seq_length"))
+    if attends_per_example(plan.value("attn_implementation")):
+        row_tokens *= int(plan.value("batch_size"))
+    collator = PaddingFreeCollator(pad_id, row_tokens) if plan.value("packing") else PaddedCollator(pad_id)
     trainer = _LossTrainer.build(
         plan,
         stats,
         model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=val_set or None,
+        args=training_arguments(plan, run.run_dir, has_eval=bool(run.val_set)),
+        train_dataset=run.train_set,
+        eval_dataset=run.val_set or None,
         data_collator=collator,
-        processing_class=tokenizer,
+        processing_class=run.tokenizer,
         callbacks=callbacks,
     )
     for noisy in (PrinterCallback, HFProgress):
         trainer.remove_callback(noisy)
+    return trainer
 
+
+def train_loop(run: _Run, trainer: Any, stats: Any, flag: Any) -> tuple[Any, Any]:
+    """The training loop (graceful on Ctrl-C), then why it stopped; (trainer state, train output)."""
+    from llm_installer.train import distributed
+
+    plan = run.plan
     t0 = time.perf_counter()
     with flag:
-        output = trainer.train(resume_from_checkpoint=str(resumed_from) if resumed_from else None)
+        output = trainer.train(resume_from_checkpoint=str(run.resumed_from) if run.resumed_from else None)
     stats.train_seconds = time.perf_counter() - t0
     # every process trained on its own share of the batches: throughput counts them all
     stats.real_tokens = distributed.total(stats.real_tokens)
     stats.computed_tokens = distributed.total(stats.computed_tokens)
     state = trainer.state
-    interrupted = flag.requested
     if stats.stop_reason is None:
         if plan.value("max_steps") and state.global_step >= int(plan.value("max_steps")):
             stats.stop_reason = f"reached --max-steps {plan.value('max_steps')}"
         else:
             stats.stop_reason = f"completed {plan.value('epochs')} epoch(s) ({state.global_step} steps)"
-    console.print(f"[bold]stopped:[/bold] {stats.stop_reason}", soft_wrap=True)
+    run.console.print(f"[bold]stopped:[/bold] {stats.stop_reason}", soft_wrap=True)
+    return state, output
 
-    # the adapter to publish: the best one in keep-best mode, else the current weights
-    source_dir = keep_dir if keep_dir is not None and (keep_dir / "adapter_config.json").is_file() else None
-    if source_dir is not None:
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
 
-        set_peft_model_state_dict(model, load_peft_weights(str(source_dir)))
-    after = generate_with_stops(model, tokenizer, prompts, max_new_tokens=max_new, stop_ids=stop_ids)
+def load_best_adapter(model: Any, keep_dir: Path | None) -> None:
+    """In keep-best mode the adapter to publish is the best one seen, not the last state."""
+    if keep_dir is None or not (keep_dir / "adapter_config.json").is_file():
+        return
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    set_peft_model_state_dict(model, load_peft_weights(str(keep_dir)))
+
+
+def _round(value: float | None, digits: int = 5) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def run_metrics(state: Any, output: Any, stats: Any) -> dict[str, Any]:
+    """The run's numbers for adapter_info.json, metrics.json and the report."""
+    import torch
+
+    from llm_installer.train import distributed
 
     train_hist = [e["loss"] for e in state.log_history if "loss" in e]
-    metrics = {
+    return {
         "global_step": state.global_step,
         "epoch": round(float(state.epoch or 0), 3),
-        "train_loss_last": round(train_hist[-1], 5) if train_hist else None,
-        "train_loss_mean": round(float(output.training_loss), 5)
-        if output.training_loss is not None
-        else None,
-        "best_eval_loss": round(stats.best_eval_loss, 5) if stats.best_eval_loss is not None else None,
+        "train_loss_last": _round(train_hist[-1]) if train_hist else None,
+        "train_loss_mean": _round(float(output.training_loss) if output.training_loss is not None else None),
+        "best_eval_loss": _round(stats.best_eval_loss),
         "best_step": stats.best_step,
-        "last_eval_loss": round(stats.last_eval_loss, 5) if stats.last_eval_loss is not None else None,
+        "last_eval_loss": _round(stats.last_eval_loss),
         "train_seconds": round(stats.train_seconds, 2),
         "tokens_per_second": round(stats.real_tokens / stats.train_seconds, 1)
         if stats.train_seconds
@@ -859,48 +489,70 @@ def run_training(
         "processes": distributed.world_size(),
         "threads_per_process": torch.get_num_threads(),
     }
-    adapter_info = {
+
+
+def adapter_info_for(
+    run: _Run, metrics: dict[str, Any], stats: Any, interrupted: bool, chat_format: Any
+) -> dict[str, Any]:
+    """adapter_info.json: base model, handler, plan, data, metrics and the chat format it learned."""
+    plan, info = run.plan, run.info
+    counts = {"train_examples": len(run.train_set), "validation_examples": len(run.val_set)}
+    return {
         "base_model": {
             "model_id": info.model_id,
             "revision": info.revision,
             "source": info.source,
-            "folder": str(folder.root),
+            "folder": str(run.folder.root),
         },
-        "handler": getattr(handler, "name", type(handler).__name__),
+        "handler": getattr(run.handler, "name", type(run.handler).__name__),
         "method": plan.value("method"),
         "mode": plan.value("mode"),
-        "dataset": {
-            "spec": plan.value("data"),
-            "train_examples": len(train_set),
-            "validation_examples": len(val_set),
-        },
-        "plan": plan,
-        "fingerprint": fingerprint,
+        "dataset": {"spec": plan.value("data"), **counts},
+        "plan": plan.to_dict(),
+        "fingerprint": run.fingerprint,
         "data": {
             "spec": plan.value("data"),
-            "fingerprint": data_fp,
-            "train_examples": len(train_set),
-            "validation_examples": len(val_set),
-            "stats": _jsonable(getattr(data, "stats", {})),
+            "fingerprint": run.data_fp,
+            **counts,
+            "stats": _jsonable(getattr(run.data, "stats", {})),
         },
         "metrics": metrics,
         "chat_format": chat_format.to_dict(),  # serving and export keep to what the adapter learned
         "stop_reason": stats.stop_reason,
         "interrupted": interrupted,
-        "run_dir": str(run_dir),
-        "resumed_from": str(resumed_from) if resumed_from else None,
+        "run_dir": str(run.run_dir),
+        "resumed_from": str(run.resumed_from) if run.resumed_from else None,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "versions": _versions(),
     }
-    # an interrupted run never replaces a finished adapter: it goes into the run folder instead
+
+
+def publish(
+    run: _Run,
+    model: Any,
+    state: Any,
+    adapter_info: dict[str, Any],
+    answers: tuple[list[Any], list[str], list[str]],
+    chat_format: Any,
+) -> TrainResult:
+    """The main process writes the report, the plot, metrics.json and the adapter (the others wait).
+
+    An interrupted run never replaces a finished adapter: it goes into the run folder instead."""
+    from llm_installer.train import distributed
+    from llm_installer.train.report import plot_losses, write_report
+
+    run_dir, target, metrics = run.run_dir, run.target, adapter_info["metrics"]
+    interrupted = adapter_info["interrupted"]
     kept_previous = interrupted and (target / "adapter_config.json").is_file()
     adapter_dir = run_dir / "adapter" if kept_previous else target
-    if main:  # the main process writes the report, the plot and the adapter; the others wait until it has
-        plot = plot_losses(state.log_history, run_dir / "loss.png", f"{info.model_id} ({plan.value('mode')})")
+    if run.main:
+        title = f"{run.info.model_id} ({run.plan.value('mode')})"
+        plot = plot_losses(state.log_history, run_dir / "loss.png", title)
+        prompts, before, after = answers
         report = write_report(
             run_dir / "report.md",
             info=adapter_info,
-            tokenizer=tokenizer,
+            tokenizer=run.tokenizer,
             prompts=prompts,
             before=before,
             after=after,
@@ -911,21 +563,21 @@ def run_training(
             encoding="utf-8",
         )
         adapter_dir = write_adapter_atomically(model, adapter_dir, adapter_info, [plot, report])
-        run_info.update(
+        run.run_info.update(
             finished=_dt.datetime.now().isoformat(timespec="seconds"),
-            stop_reason=stats.stop_reason,
+            stop_reason=adapter_info["stop_reason"],
             adapter_dir=str(adapter_dir),
             metrics=metrics,
         )
-        (run_dir / RUN_INFO).write_text(json.dumps(run_info, indent=2, default=str), encoding="utf-8")
+        (run_dir / RUN_INFO).write_text(json.dumps(run.run_info, indent=2, default=str), encoding="utf-8")
     distributed.barrier()
     return TrainResult(
-        stop_reason=stats.stop_reason,
+        stop_reason=adapter_info["stop_reason"],
         adapter_dir=adapter_dir,
         run_dir=run_dir,
         metrics=metrics,
         interrupted=interrupted,
-        resumed_from=resumed_from,
+        resumed_from=run.resumed_from,
         kept_previous=target if kept_previous else None,
     )
 

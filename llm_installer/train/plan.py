@@ -78,6 +78,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "output": (None, "the model folder's lora/"),
     "resume": (None, "start a new run"),
     "device": ("cpu", "no accelerator"),
+    # preference training (issue 15, train/preference.py): the objective beside the adapter kind
+    "objective": ("sft", "supervised: loss on the answers"),
+    "beta": (0.1, "DPO's usual beta (TRL's default); ORPO's odds-ratio weight"),
+    "loss_type": (None, "the objective's own loss (sigmoid for DPO)"),
+    "init_adapter": (None, "a new adapter"),
 }
 
 # Handler parameter names (the seed's contract and common synonyms) -> plan keys.
@@ -97,6 +102,9 @@ HANDLER_KEYS: dict[str, str] = {
     "recommended_lora_alpha": "lora_alpha",
     "lora_alpha": "lora_alpha",
     "lora_dropout": "lora_dropout",
+    "preference_beta": "beta",
+    "dpo_beta": "beta",
+    "preference_loss_type": "loss_type",
 }
 
 # User flags (CLI option names with '-' -> '_') that map straight onto plan keys.
@@ -130,6 +138,10 @@ USER_KEYS = (
     "tensorboard",
     "strict",
     "system_prompt",
+    "objective",
+    "beta",
+    "loss_type",
+    "init_adapter",
 )
 
 # Settings that do not change the trajectory of the weights: left out of the resume fingerprint.
@@ -446,6 +458,9 @@ def build_plan(
         user.pop("resume")
     if "target_modules" in user:
         user["target_modules"] = _parse_targets(user["target_modules"])
+    from llm_installer.train.preference import check_preference_flags, resolve_preference
+
+    check_preference_flags(user)  # --method dpo|orpo -> objective; --beta, --loss-type
     _check_user_values(user)
     if user.get("precision") == "auto":
         user.pop("precision")  # the hardware layer decides, as without the flag
@@ -551,6 +566,7 @@ def build_plan(
     if r.get("method") != "lora":
         r.set("fused_lora", False, r.settings["method"]["source"], "DoRA/QLoRA layers run PEFT's own forward")
     resolve_expert_lora(r)
+    resolve_preference(r)
     if r.settings["lora_r"]["source"] == "user" and r.settings["lora_alpha"]["source"] != "user":
         r.set("lora_alpha", None, "user", "2 x rank")
     if r.get("lora_alpha") is None:

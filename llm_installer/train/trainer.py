@@ -686,6 +686,9 @@ def run_training(
 
     console = console or default_console
     plan = TrainingPlan.from_dict(plan)
+    from llm_installer.train import preference as pref
+
+    preference = pref.is_preference(plan)  # issue 15 hook: DPO/ORPO through TRL's DPOTrainer
     threads = plan.value("torch_threads")
     if threads and plan.value("device") == "cpu":
         # the plan's threads are the machine's cores: processes on one machine share them (more threads
@@ -714,17 +717,23 @@ def run_training(
         run_dir = distributed.broadcast(new_run_dir(folder.runs_dir) if main else None)
     try:
         with distributed.main_first():  # the main process fills the prepared-data cache, the others read it
-            data = prepare_run_data(
-                plan,
-                folder,
-                info,
-                tokenizer,
-                handler,
-                rejects_path=run_dir / "rejects.jsonl" if main else None,
-            )
+            if preference:  # issue 15 hook: DPO/ORPO pairs (train/preference.py)
+                data = pref.prepare_preference_data(
+                    plan, tokenizer, handler, rejects_path=run_dir / "rejects.jsonl" if main else None
+                )
+            else:
+                data = prepare_run_data(
+                    plan,
+                    folder,
+                    info,
+                    tokenizer,
+                    handler,
+                    rejects_path=run_dir / "rejects.jsonl" if main else None,
+                )
         # image/video examples (pixel_values etc.) train in padded batches: recorded in the plan before it
         # is fingerprinted, so a resumed run makes the same choice
-        apply_media_settings(plan, data, console, info)
+        if not preference:
+            apply_media_settings(plan, data, console, info)
     except BaseException:
         if resumed_from is None and main:  # leave no empty run folder behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -758,10 +767,13 @@ def run_training(
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
 
     model = load_training_model(plan, folder, info, handler)
+    if plan.value("init_adapter"):  # issue 15 hook: start from a previous adapter (SFT then DPO)
+        pref.load_init_adapter(model, plan.value("init_adapter"))
     # the template and end-of-turn token the data was rendered with: the report stops where `chat` will
     chat_format = handler_chat_format(handler, tokenizer)
     stop_ids = chat_format.stop_token_ids
-    prompts = held_out_prompts(val_set or train_set, int(plan.value("report_prompts") or 0)) if main else []
+    pick_prompts = pref.report_prompts if preference else held_out_prompts
+    prompts = pick_prompts(val_set or train_set, int(plan.value("report_prompts") or 0)) if main else []
     max_new = int(plan.value("report_max_new_tokens") or 32)
     with model.disable_adapter():
         before = generate_with_stops(model, tokenizer, prompts, max_new_tokens=max_new, stop_ids=stop_ids)
@@ -799,14 +811,15 @@ def run_training(
     callbacks.append(cb.ProgressCallback(stats, console, enabled=show_progress))
     callbacks += list(extra_callbacks or [])
 
-    trainer = _LossTrainer.build(
+    build = pref.build_preference_trainer if preference else _LossTrainer.build  # issue 15 hook
+    trainer = build(
         plan,
         stats,
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set or None,
-        data_collator=collator,
+        data_collator=None if preference else collator,  # TRL's pair collator for DPO/ORPO
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -867,6 +880,7 @@ def run_training(
         },
         "handler": getattr(handler, "name", type(handler).__name__),
         "method": plan.value("method"),
+        "objective": plan.value("objective", "sft"),  # issue 15: sft, dpo or orpo
         "mode": plan.value("mode"),
         "dataset": {
             "spec": plan.value("data"),

@@ -38,7 +38,10 @@ PAIRS = [
 ]
 BAD = [
     ({"prompt": "x", "chosen": "", "rejected": "b"}, "preference: 'chosen' is empty"),
-    ({"prompt": "x", "chosen": "same", "rejected": "same "}, "preference: chosen and rejected are identical: nothing to prefer"),
+    (
+        {"prompt": "x", "chosen": "same", "rejected": "same "},
+        "preference: chosen and rejected are identical: nothing to prefer",
+    ),
     (
         {"chosen": "a", "rejected": "b"},
         "preference_chat: missing prompt: chosen and rejected are plain answers, so a 'prompt' field is needed",
@@ -87,7 +90,10 @@ def test_pair_masks_are_the_answers_with_their_end_of_turn(tmp_path, smollm2_tok
     from llm_installer.data.prepare import DataSettings
 
     data = prepare_pairs(
-        str(_write(tmp_path / "p.jsonl", PAIRS[:1])), smollm2_tokenizer, None, DataSettings(validation_split=0)
+        str(_write(tmp_path / "p.jsonl", PAIRS[:1])),
+        smollm2_tokenizer,
+        None,
+        DataSettings(validation_split=0),
     )
     (pair,) = data.train
     tok = smollm2_tokenizer
@@ -107,23 +113,34 @@ def test_supervised_data_is_refused_for_dpo(tmp_path, smollm2_tokenizer):
     from llm_installer.errors import DataError
 
     path = _write(tmp_path / "sft.jsonl", [{"instruction": "a", "output": "b"}])
-    with pytest.raises(DataError, match="preference training needs pairs with chosen and rejected answers, but the data is alpaca"):
+    with pytest.raises(
+        DataError,
+        match="preference training needs pairs with chosen and rejected answers, but the data is alpaca",
+    ):
         prepare_pairs(str(path), smollm2_tokenizer, None, DataSettings())
 
 
 def test_plan_keys_and_their_sources(tiny_installed):
     plan = build_plan(tiny_installed, cli_args("--data", "preferences.jsonl", "--method", "dpo"))
     s = plan["settings"]
-    assert s["objective"] == {"value": "dpo", "source": "user", "why": "--objective"} or s["objective"]["value"] == "dpo"
+    assert s["objective"] == {"value": "dpo", "source": "user", "why": "--method dpo (on a LoRA adapter)"}
     assert plan.value("method") == "lora" and plan.source("method") == "default"
-    assert s["beta"] == {"value": 0.1, "source": "default", "why": "DPO's usual beta (TRL's default); ORPO's odds-ratio weight"}
-    assert s["loss_type"]["value"] == "sigmoid" and s["loss_type"]["source"] == "user"
+    assert s["beta"] == {
+        "value": 0.1,
+        "source": "default",
+        "why": "DPO's usual beta (TRL's default); ORPO's odds-ratio weight",
+    }
+    assert s["loss_type"] == {"value": "sigmoid", "source": "user", "why": "dpo's own loss"}
     assert plan.value("packing") is False and plan.value("fused_lora") is False
     plan = build_plan(
         tiny_installed,
         cli_args("--data", "p", "--objective", "orpo", "--method", "dora", "--beta", "0.3"),
     )
-    assert (plan.value("objective"), plan.value("method"), plan.value("loss_type")) == ("orpo", "dora", "orpo")
+    assert (plan.value("objective"), plan.value("method"), plan.value("loss_type")) == (
+        "orpo",
+        "dora",
+        "orpo",
+    )
     assert plan["settings"]["beta"] == {"value": 0.3, "source": "user", "why": "--beta"}
     sft = build_plan(tiny_installed, cli_args("--data", "p"))
     assert sft.value("objective") == "sft" and sft.value("loss_type") is None
@@ -132,7 +149,10 @@ def test_plan_keys_and_their_sources(tiny_installed):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (("--method", "dpo", "--loss-type", "orpo"), "--loss-type 'orpo' is unknown for dpo: use one of sigmoid, hinge"),
+        (
+            ("--method", "dpo", "--loss-type", "orpo"),
+            "--loss-type 'orpo' is unknown for dpo: use one of sigmoid, hinge",
+        ),
         (("--beta", "0.2"), "--beta applies to preference training: add --method dpo or --method orpo"),
         (("--method", "dpo", "--beta", "0"), "--beta must be positive, got 0.0"),
         (("--objective", "kto"), "--objective 'kto' is unknown: use one of sft, dpo, orpo"),
@@ -146,7 +166,10 @@ def test_bad_preference_flags_are_one_line_errors(tiny_installed, argv, message)
 
 
 def _pairs_file(tmp_path: Path, n: int = 12) -> Path:
-    rows = [{"prompt": f"Question {i}?", "chosen": f"Ahoy, answer {i}!", "rejected": f"Answer {i}."} for i in range(n)]
+    rows = [
+        {"prompt": f"Question {i}?", "chosen": f"Ahoy, answer {i}!", "rejected": f"Answer {i}."}
+        for i in range(n)
+    ]
     return _write(tmp_path / "pairs.jsonl", rows)
 
 
@@ -157,8 +180,25 @@ def test_tiny_preference_run_trains_only_lora_with_the_base_as_reference(tiny_in
 
     from llm_installer.train.trainer import run_training
 
-    argv = ["--data", str(_pairs_file(tmp_path)), "--method", objective, "--max-steps", "3", "--batch-size", "4"]
-    argv += ["--validation-split", "0.25", "--no-tensorboard", "--precision", "fp32", "--learning-rate", "0.01"]
+    argv = [
+        "--data",
+        str(_pairs_file(tmp_path)),
+        "--method",
+        objective,
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+    ]
+    argv += [
+        "--validation-split",
+        "0.25",
+        "--no-tensorboard",
+        "--precision",
+        "fp32",
+        "--learning-rate",
+        "0.01",
+    ]
     seen = {}
 
     from transformers import TrainerCallback
@@ -173,7 +213,9 @@ def test_tiny_preference_run_trains_only_lora_with_the_base_as_reference(tiny_in
             seen["base"] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
             seen["ids"] = ids
 
-    result = run_training(build_plan(tiny_installed, cli_args(*argv)), show_progress=False, extra_callbacks=[Peek()])
+    result = run_training(
+        build_plan(tiny_installed, cli_args(*argv)), show_progress=False, extra_callbacks=[Peek()]
+    )
     info = read_json(result.adapter_dir / "adapter_info.json")
     assert info["objective"] == objective and info["method"] == "lora"
     assert info["metrics"]["global_step"] == 3

@@ -64,7 +64,9 @@ def _side(value: Any, name: str) -> list[Any]:
         if not value:
             raise RecordError(f"'{name}' is empty")
         return value
-    raise RecordError(f"field '{name}' must be text, a message or a list of messages, got {type(value).__name__}")
+    raise RecordError(
+        f"field '{name}' must be text, a message or a list of messages, got {type(value).__name__}"
+    )
 
 
 def _pair(history: list[Any], raw: dict, fmt: str) -> PreferenceRecord:
@@ -102,7 +104,9 @@ def convert_preference(raw: Any, ctx: ConvertContext) -> Record:
 def convert_preference_chat(raw: Any, ctx: ConvertContext) -> Record:
     """`{"chosen": [...], "rejected": [...]}`: two conversations, the shared part is the prompt."""
     if isinstance(raw.get("chosen"), str) or isinstance(raw.get("rejected"), str):
-        raise RecordError("missing prompt: chosen and rejected are plain answers, so a 'prompt' field is needed")
+        raise RecordError(
+            "missing prompt: chosen and rejected are plain answers, so a 'prompt' field is needed"
+        )
     return _pair([], raw, "preference_chat")
 
 
@@ -193,7 +197,10 @@ def encode_pairs(
                 stats["dropped_too_long"] += 1
                 continue
             if max(len(pair["chosen_ids"]), len(pair["rejected_ids"])) > room:
-                pair["chosen_ids"], pair["rejected_ids"] = pair["chosen_ids"][:room], pair["rejected_ids"][:room]
+                pair["chosen_ids"], pair["rejected_ids"] = (
+                    pair["chosen_ids"][:room],
+                    pair["rejected_ids"][:room],
+                )
                 stats["truncated"] += 1
             out.append(pair)
     return out
@@ -211,7 +218,9 @@ def _fingerprint(sources: list[Any], tokenizer: Any, chat_format: Any, settings:
         "end_of_turn": chat_format.end_of_turn,
         "settings": settings_key,
     }
-    return hashlib.blake2b(json.dumps(payload, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(
+        json.dumps(payload, sort_keys=True, default=str).encode(), digest_size=16
+    ).hexdigest()
 
 
 def _check_pairs(spec: Any, records: list[Record]) -> None:
@@ -294,7 +303,11 @@ def describe_pair(pair: dict[str, list[int]], tokenizer: Any) -> list[tuple[str,
     rows = [("prompt (no loss)", prompt, "")]
     for side in ("chosen", "rejected"):
         ids = pair[f"{side}_ids"]
-        rows.append((f"{side} ({len(ids)} trained tokens)", tokenizer.decode(ids), "|".join(
-            tokenizer.decode([t]) for t in ids
-        )))
+        rows.append(
+            (
+                f"{side} ({len(ids)} trained tokens)",
+                tokenizer.decode(ids),
+                "|".join(tokenizer.decode([t]) for t in ids),
+            )
+        )
     return rows

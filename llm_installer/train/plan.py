@@ -566,7 +566,7 @@ def build_plan(
     if r.get("method") != "lora":
         r.set("fused_lora", False, r.settings["method"]["source"], "DoRA/QLoRA layers run PEFT's own forward")
     resolve_expert_lora(r)
-    resolve_preference(r)
+    resolve_preference(r, user)
     if r.settings["lora_r"]["source"] == "user" and r.settings["lora_alpha"]["source"] != "user":
         r.set("lora_alpha", None, "user", "2 x rank")
     if r.get("lora_alpha") is None:

@@ -57,6 +57,7 @@ def check_preference_flags(user: dict[str, Any]) -> None:
         if user.get("objective") not in (None, method):
             raise UserError(f"--method {method} and --objective {user['objective']} disagree: give one")
         user["objective"] = method
+        user["_objective_from_method"] = True
         del user["method"]
     objective = user.get("objective")
     if objective is not None and objective not in OBJECTIVES:
@@ -76,18 +77,22 @@ def check_preference_flags(user: dict[str, Any]) -> None:
         raise UserError("--beta applies to preference training: add --method dpo or --method orpo")
 
 
-def resolve_preference(r: Any) -> None:
+def resolve_preference(r: Any, user: dict[str, Any]) -> None:
     """Derived settings of a preference run: its loss, PEFT's LoRA forward, padded pair batches."""
     objective = r.get("objective")
     if objective not in PREFERENCE_OBJECTIVES:
         return
     source = r.settings["objective"]["source"]
-    why = f"--method {objective}" if source == "user" else r.settings["objective"]["why"]
+    if user.get("_objective_from_method"):
+        r.set("objective", objective, "user", f"--method {objective} (on a LoRA adapter)")
+    why = r.settings["objective"]["why"]
     loss = r.get("loss_type")
     if loss is None:
         r.set("loss_type", DEFAULT_LOSS[objective], source, f"{objective}'s own loss")
     elif loss not in LOSS_TYPES[objective]:  # a handler's loss type for the other objective
-        raise UserError(f"loss type {loss!r} ({r.settings['loss_type']['why']}) does not apply to {objective}")
+        raise UserError(
+            f"loss type {loss!r} ({r.settings['loss_type']['why']}) does not apply to {objective}"
+        )
     if r.settings["beta"]["source"] == "default" and objective == "orpo":
         r.set("beta", 0.1, "default", "ORPO paper's lambda (weight of the odds-ratio term)")
     r.set("packing", False, source, f"{why}: TRL pads each pair (chosen and rejected in one batch)")
@@ -102,7 +107,9 @@ def is_preference(plan: Any) -> bool:
 def plan_rows(plan: Any) -> list[tuple[str, Any, str, str]]:
     """(key, value, source, why) of the preference settings, for `train --dry-run`."""
     keys = ("objective", "beta", "loss_type", "init_adapter")
-    return [(k, plan.value(k), plan.source(k), plan["settings"][k]["why"]) for k in keys if k in plan["settings"]]
+    return [
+        (k, plan.value(k), plan.source(k), plan["settings"][k]["why"]) for k in keys if k in plan["settings"]
+    ]
 
 
 # ---- the data --------------------------------------------------------------------------------------
@@ -136,7 +143,9 @@ def example_lengths(examples: list[dict[str, Any]]) -> tuple[list[int], int]:
 
 def report_prompts(examples: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     """Held-out prompts for report.md: the pair's prompt, the chosen answer as the expected one."""
-    return [{"prompt": list(ex["prompt_ids"]), "expected": list(ex["chosen_ids"])} for ex in examples[: max(n, 0)]]
+    return [
+        {"prompt": list(ex["prompt_ids"]), "expected": list(ex["chosen_ids"])} for ex in examples[: max(n, 0)]
+    ]
 
 
 # ---- the model -------------------------------------------------------------------------------------
@@ -186,7 +195,9 @@ def dpo_config(plan: Any, args: Any) -> Any:
     return DPOConfig(**values)
 
 
-def build_preference_trainer(plan: Any, stats: Any, *, args: Any, model: Any, train_dataset, eval_dataset, **kw):
+def build_preference_trainer(
+    plan: Any, stats: Any, *, args: Any, model: Any, train_dataset, eval_dataset, **kw
+):
     """TRL's DPOTrainer (our subclass) for the plan's objective; the reference is the base model."""
     from datasets import Dataset
 

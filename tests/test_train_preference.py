@@ -237,3 +237,12 @@ def test_tiny_preference_run_trains_only_lora_with_the_base_as_reference(tiny_in
             torch.testing.assert_close(before, base_state[key].detach())
     weights = load_file(result.adapter_dir / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
+
+
+def test_data_inspect_shows_a_pair_with_both_answers_and_their_masks(capsys, monkeypatch):
+    code, out, _ = fx.run_cli(capsys, monkeypatch, "data", "inspect", "preferences.jsonl")
+    assert code in (0, None)
+    assert "│ jsonl │ preference │      40 │       0 │" in out
+    assert "chosen (12 trained tokens): «Ahoy! The answer be Paris, matey!<|im_end|>»" in out
+    assert "rejected (6 trained tokens): «The answer is Paris.<|im_end|>»" in out
+    assert "What is the capital of France?<|im_end|>" in out

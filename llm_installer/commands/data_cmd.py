@@ -112,6 +112,11 @@ def inspect_cmd(
             console.print(f"longer than --max-seq-length {max_seq_length}: {report.over_limit} record(s)")
         for label, count, bar in histogram(report.lengths):
             console.print(f"  {label:>13} │{bar:<30} {count}", markup=False)
+    if report.pair:  # issue 15 hook: a preference pair shows its prompt and both answers
+        from llm_installer.data.preference import print_pair
+
+        print_pair(console, report.pair, report.example_origin)
+        return
     if report.example:
         console.print(
             f"\nexample {report.example_origin}: [green]green = trained (loss)[/green], [dim]dim = masked[/dim]",

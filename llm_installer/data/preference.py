@@ -311,3 +311,36 @@ def describe_pair(pair: dict[str, list[int]], tokenizer: Any) -> list[tuple[str,
             )
         )
     return rows
+
+
+def inspect_pair(renderer: Any, record: Record, tokenizer: Any) -> dict[str, list[str]] | None:
+    """The pair `data inspect` shows: prompt tokens (masked) and each answer's tokens (trained), as
+    training renders them; None for a record that is not a pair or does not render."""
+    if not isinstance(record, PreferenceRecord):
+        return None
+    try:
+        sides = renderer.encode([renderer.render(record), renderer.render(record.rejected_record())])
+        pair = split_pair(*sides)
+    except RecordError:
+        return None
+    return {k: [tokenizer.decode([t]) for t in pair[f"{k}_ids"]] for k in ("prompt", "chosen", "rejected")}
+
+
+def print_pair(console: Any, pair: dict[str, list[str]], origin: str) -> None:
+    """Both answers of a pair after the shared prompt: trained tokens green (or between « and »)."""
+    from rich.text import Text
+
+    plain = console.color_system is None
+    console.print(
+        f"\npair {origin}: the shared prompt (masked), then each answer; "
+        "[green]green = trained (loss)[/green], [dim]dim = masked[/dim]",
+        soft_wrap=True,
+    )
+    console.print(Text("".join(pair["prompt"]), style="dim"), soft_wrap=True)
+    for side in ("chosen", "rejected"):
+        text = Text(f"{side} ({len(pair[side])} trained tokens): ", style="bold")
+        text.append("«" if plain else "")
+        for token in pair[side]:
+            text.append(token, style="bold green")
+        text.append("»" if plain else "")
+        console.print(text, soft_wrap=True)

@@ -132,6 +132,7 @@ def test_plan_keys_and_their_sources(tiny_installed):
     }
     assert s["loss_type"] == {"value": "sigmoid", "source": "user", "why": "dpo's own loss"}
     assert plan.value("packing") is False and plan.value("fused_lora") is False
+    assert plan.value("attn_implementation") == "sdpa"  # padded pair rows, not the packed-rows kernel
     plan = build_plan(
         tiny_installed,
         cli_args("--data", "p", "--objective", "orpo", "--method", "dora", "--beta", "0.3"),

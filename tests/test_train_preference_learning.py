@@ -45,7 +45,10 @@ def _ask(model, tokenizer, question: str) -> str:
     import torch
 
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.eos_token_id)
@@ -80,7 +83,10 @@ def test_dpo_teaches_smollm2_the_preferred_style(smollm2_model_dir, capsys):
     after_margins = _margins(tuned, tokenizer)
     after = _ask(tuned, tokenizer, QUESTION)
     print(f"margins before {before_margins} after {after_margins}\nbefore: {before!r}\nafter: {after!r}")
-    assert all(a > b for a, b in zip(after_margins, before_margins, strict=True)), (before_margins, after_margins)
+    assert all(a > b for a, b in zip(after_margins, before_margins, strict=True)), (
+        before_margins,
+        after_margins,
+    )
     assert sum(after_margins) / len(after_margins) > sum(before_margins) / len(before_margins) + 5
     assert "ahoy" in after.lower() or "matey" in after.lower(), (before, after)
     report = (folder.lora_dir / "report.md").read_text()

@@ -561,12 +561,12 @@ def build_plan(
         r.set("resume", user["resume"], "user", "--resume-from" if user["resume"] != "latest" else "--resume")
 
     # derived settings
+    resolve_preference(r, user)  # issue 15: padded pair batches, before attention is chosen for them
     resolve_precision(r, hw, info)
     resolve_attention(r, hw, info, hparams)
     if r.get("method") != "lora":
         r.set("fused_lora", False, r.settings["method"]["source"], "DoRA/QLoRA layers run PEFT's own forward")
     resolve_expert_lora(r)
-    resolve_preference(r, user)
     if r.settings["lora_r"]["source"] == "user" and r.settings["lora_alpha"]["source"] != "user":
         r.set("lora_alpha", None, "user", "2 x rank")
     if r.get("lora_alpha") is None:

@@ -247,3 +247,72 @@ def test_data_inspect_shows_a_pair_with_both_answers_and_their_masks(capsys, mon
     assert "chosen (12 trained tokens): «Ahoy! The answer be Paris, matey!<|im_end|>»" in out
     assert "rejected (6 trained tokens): «The answer is Paris.<|im_end|>»" in out
     assert "What is the capital of France?<|im_end|>" in out
+
+
+def _tiny_argv(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--data",
+        str(_pairs_file(tmp_path, 8)),
+        "--batch-size",
+        "4",
+        "--validation-split",
+        "0",
+        "--no-tensorboard",
+        "--precision",
+        "fp32",
+        *extra,
+    ]
+
+
+def test_dpo_resumes_from_its_checkpoint(tiny_installed, tmp_path):
+    from llm_installer.train.trainer import checkpoints, run_training
+
+    argv = _tiny_argv(tmp_path, "--method", "dpo", "--force-epochs")
+    first = run_training(build_plan(tiny_installed, cli_args(*argv, "--epochs", "1")), show_progress=False)
+    assert [p.name for p in checkpoints(first.run_dir)] == ["checkpoint-2"]
+    resumed = run_training(
+        build_plan(tiny_installed, cli_args(*argv, "--epochs", "2", "--resume")), show_progress=False
+    )
+    assert resumed.resumed_from == (first.run_dir / "checkpoint-2").resolve()
+    assert resumed.metrics["global_step"] == 4 and resumed.run_dir == first.run_dir
+
+
+def test_sft_then_dpo_starts_from_the_sft_adapter_and_keeps_it_as_reference(tiny_installed, tmp_path):
+    """--init-adapter: the policy starts as the SFT adapter, TRL's "ref" copy of it is the reference."""
+    import torch
+    from transformers import TrainerCallback
+
+    from llm_installer.train.trainer import run_training
+
+    sft = run_training(
+        build_plan(
+            tiny_installed,
+            cli_args(*_tiny_argv(tmp_path, "--max-steps", "2", "--output", str(tmp_path / "sft"))),
+        ),
+        show_progress=False,
+    )
+    seen = {}
+
+    class Peek(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen["adapters"] = sorted(model.peft_config)
+            seen["start"] = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
+
+    argv = _tiny_argv(tmp_path, "--method", "dpo", "--max-steps", "1", "--init-adapter", str(sft.adapter_dir))
+    run_training(
+        build_plan(tiny_installed, cli_args(*argv, "--output", str(tmp_path / "dpo"))),
+        show_progress=False,
+        extra_callbacks=[Peek()],
+    )
+    from safetensors.torch import load_file
+
+    saved = load_file(sft.adapter_dir / "adapter_model.safetensors")
+    assert seen["adapters"] == ["default", "ref"]
+    b = next(k for k in saved if k.endswith("lora_B.weight"))
+    start = next(
+        v
+        for n, v in seen["start"].items()
+        if n.endswith(b.removesuffix("lora_B.weight") + "lora_B.default.weight")
+    )
+    torch.testing.assert_close(start, saved[b])
+    assert saved[b].abs().sum() > 0

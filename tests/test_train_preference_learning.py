@@ -73,7 +73,21 @@ def test_dpo_teaches_smollm2_the_preferred_style(smollm2_model_dir, capsys):
     assert "matey" not in before.lower() and "ahoy" not in before.lower()
 
     with pytest.raises(SystemExit) as exit_:
-        main(["train", "smollm2", "--data", "preferences.jsonl", "--method", "dpo", "--mode", "fast"])
+        # 6 steps of 4 pairs at fast mode's rate: the margin is clear by then (about 2 min on 2 idle cores)
+        main(
+            [
+                "train",
+                "smollm2",
+                "--data",
+                "preferences.jsonl",
+                "--method",
+                "dpo",
+                "--mode",
+                "fast",
+                "--max-steps",
+                "6",
+            ]
+        )
     out = capsys.readouterr()
     assert exit_.value.code == 0, out
     info = json.loads((folder.lora_dir / "adapter_info.json").read_text())

@@ -287,7 +287,21 @@ def test_sft_then_dpo_starts_from_the_sft_adapter_and_keeps_it_as_reference(tiny
     sft = run_training(
         build_plan(
             tiny_installed,
-            cli_args(*_tiny_argv(tmp_path, "--max-steps", "2", "--output", str(tmp_path / "sft"))),
+            cli_args(
+                "--data",
+                "test_data.json",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--validation-split",
+                "0",
+                "--no-tensorboard",
+                "--precision",
+                "fp32",
+                "--output",
+                str(tmp_path / "sft"),
+            ),
         ),
         show_progress=False,
     )

@@ -59,7 +59,7 @@ def inspect_cmd(
         warn("no tokenizer available (pass --model NAME): token statistics skipped")
         return
     print_token_stats(report, max_seq_length)
-    if report.example:
+    if report.example or report.pair:
         print_example(report)
 
 
@@ -135,6 +135,11 @@ def print_example(report: Any) -> None:
 
     from llm_installer.console import console
 
+    if report.pair:  # a preference pair shows its prompt and both answers
+        from llm_installer.data.preference import print_pair
+
+        print_pair(console, report.pair, report.example_origin)
+        return
     console.print(
         f"\nexample {report.example_origin}: [green]green = trained (loss)[/green], [dim]dim = masked[/dim]",
         soft_wrap=True,

@@ -46,7 +46,24 @@ def train(
         _opt("fast | medium (default) | slow | circle | non-stop (see docs/training.md).", "--mode"),
     ] = None,
     method: Annotated[
-        str | None, _opt("lora (default) | qlora (4-bit, NVIDIA GPU) | dora.", "--method")
+        str | None,
+        _opt(
+            "lora (default) | qlora (4-bit, NVIDIA GPU) | dora | dpo, orpo (preference pairs on LoRA).",
+            "--method",
+        ),
+    ] = None,
+    # preference training (issue 15, train/preference.py)
+    objective: Annotated[
+        str | None,
+        _opt("sft (default) | dpo | orpo; with --method dora/qlora for another adapter.", "--objective"),
+    ] = None,
+    beta: Annotated[float | None, _opt("DPO beta / ORPO lambda (default 0.1).", "--beta")] = None,
+    loss_type: Annotated[
+        str | None,
+        _opt("DPO loss variant: sigmoid (default), ipo, hinge, robust, ... (TRL's).", "--loss-type"),
+    ] = None,
+    init_adapter: Annotated[
+        Path | None, _opt("Start from this adapter's weights (e.g. SFT then DPO).", "--init-adapter")
     ] = None,
     epochs: Annotated[int | None, _opt("Number of epochs (cycles in circle mode).", "--epochs")] = None,
     max_steps: Annotated[

@@ -498,6 +498,17 @@ def convert_multi_choice(raw: Any, ctx: ConvertContext) -> Record:
     return Record(messages=_qa_messages(raw, prompt, answer_text), text=None, format="multi_choice")
 
 
+def _preference(name: str) -> Callable[[Any, ConvertContext], Record]:
+    """The converter of preference format `name`, imported on use (data/preference.py imports this module)."""
+
+    def convert(raw: Any, ctx: ConvertContext) -> Record:
+        from llm_installer.data.preference import convert as convert_pair
+
+        return convert_pair(name, raw, ctx)
+
+    return convert
+
+
 @dataclass(frozen=True)
 class FormatSpec:
     """A format: its converter and the key groups that identify it (each group: alternative spellings)."""
@@ -586,5 +597,31 @@ FORMATS: dict[str, FormatSpec] = {
             (("question",), ("choices", "options"), ("answer",)),
             example='{"question": ..., "choices": [...], "answer": "B"}',
         ),
+        # ---- preference pairs (DPO/ORPO): converters in data/preference.py (hook of issue 15) ----
+        *[
+            FormatSpec(name, _preference(name), keys, example=example)
+            for name, keys, example in (
+                (
+                    "preference",
+                    (("prompt", "question", "instruction"), ("chosen",), ("rejected",)),
+                    '{"prompt": ..., "chosen": ..., "rejected": ...}',
+                ),
+                (
+                    "preference_chat",
+                    (("chosen",), ("rejected",)),
+                    '{"chosen": [messages], "rejected": [messages]}',
+                ),
+                (
+                    "sharegpt_preference",
+                    (("conversations",), ("chosen",), ("rejected",)),
+                    '{"conversations": [...], "chosen": {"from": "gpt", ...}, "rejected": {...}}',
+                ),
+                (
+                    "openai_preference",
+                    (("messages",), ("chosen",), ("rejected",)),
+                    '{"messages": [...], "chosen": {"role": "assistant", ...}, "rejected": {...}}',
+                ),
+            )
+        ],
     ]
 }

@@ -41,6 +41,7 @@ class InspectReport:
     cut: int = 0  # of those, records longer than STAT_MAX_CHARS: counted on their first part only
     example_more: int = 0  # tokens of the example not shown
     chat_format: str = ""  # the template and end-of-turn token training uses (ChatFormat.describe)
+    pair: dict[str, list[str]] | None = None  # a preference pair's prompt/chosen/rejected tokens (issue 15)
 
 
 def histogram(values: list[int], bins: int = 8, width: int = 30) -> list[tuple[str, int, str]]:
@@ -170,4 +171,7 @@ def inspect_data(
         pairs = list(zip(ex["input_ids"], ex["labels"], strict=True))
         report.example_more = max(0, len(pairs) - EXAMPLE_TOKENS)
         report.example = [(text_tok.decode([t]), lab != IGNORE_INDEX) for t, lab in pairs[:EXAMPLE_TOKENS]]
+        from llm_installer.data.preference import inspect_pair  # issue 15 hook: both answers of a pair
+
+        report.pair = inspect_pair(renderer, kept[0], text_tok)
     return report

@@ -63,12 +63,15 @@ class HandlerParams(BaseModel):
     moe_training: bool | None = Field(None, description="MoE: router balancing loss on")
     expert_selection: str | int | None = Field(None, description="MoE: 'top-k' routing while training")
     load_balancing_loss_coef: float | None = Field(None, ge=0, description="MoE: balancing-loss weight")
+    preference_beta: float | None = Field(None, gt=0, description="DPO/ORPO: beta (train/preference.py)")
+    preference_loss_type: str | None = Field(None, description="DPO/ORPO: the loss variant")
     # synonyms the plan also reads (the seed's examples use both spellings)
     learning_rate: float | None = Field(None, gt=0, lt=1, description="= recommended_learning_rate")
     batch_size: int | None = Field(None, gt=0, description="= recommended_batch_size")
     lora_r: int | None = Field(None, gt=0, description="= recommended_lora_r")
     lora_rank: int | None = Field(None, gt=0, description="= recommended_lora_r")
     lora_alpha: int | None = Field(None, gt=0, description="= recommended_lora_alpha")
+    dpo_beta: float | None = Field(None, gt=0, description="= preference_beta")
 
     def to_dict(self) -> dict[str, Any]:
         """The seed's dict: the keys every handler has, plus the optional ones a handler set."""

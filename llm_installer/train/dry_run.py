@@ -58,8 +58,13 @@ def print_dry_run(plan: TrainingPlan, console: Any = None) -> dict[str, Any]:
     media: list[str] = []
     if plan.value("data"):
         tokenizer = load_tokenizer_for(folder, handler, info)
-        data = prepare_run_data(plan, folder, info, tokenizer, handler)
-        media = apply_media_settings(plan, data, console, info)
+        from llm_installer.train import preference as pref
+
+        if pref.is_preference(plan):  # issue 15 hook: DPO/ORPO pairs, shown as pair examples
+            data = pref.prepare_preference_data(plan, tokenizer, handler)
+        else:
+            data = prepare_run_data(plan, folder, info, tokenizer, handler)
+            media = apply_media_settings(plan, data, console, info)
 
     print_plan_table(plan, console)
     model = meta_peft_model(plan, folder, info, handler)
@@ -123,8 +128,9 @@ def print_data_summary(plan: TrainingPlan, data: Any, media: list[str], console:
     if data is None:
         console.print("data: not given (pass --data to see the dataset summary)")
         return {}
-    lengths = [len(e["input_ids"]) for e in data.train]
-    labelled = sum(sum(1 for t in e["labels"] if t != -100) for e in data.train)
+    from llm_installer.train.preference import example_lengths
+
+    lengths, labelled = example_lengths(data.train)  # a preference pair counts both sides
     summary: dict[str, Any] = {
         "train_examples": len(data.train),
         "validation_examples": len(data.validation),

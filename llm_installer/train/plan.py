@@ -49,6 +49,9 @@ HANDLER_KEYS: dict[str, str] = {
     "recommended_lora_alpha": "lora_alpha",
     "lora_alpha": "lora_alpha",
     "lora_dropout": "lora_dropout",
+    "preference_beta": "beta",
+    "dpo_beta": "beta",
+    "preference_loss_type": "loss_type",
 }
 
 # User flags (CLI option names with '-' -> '_') that map straight onto plan keys.
@@ -82,6 +85,10 @@ USER_KEYS = (
     "tensorboard",
     "strict",
     "system_prompt",
+    "objective",
+    "beta",
+    "loss_type",
+    "init_adapter",
 )
 
 
@@ -300,6 +307,9 @@ def normalize_user_flags(args: Any) -> dict[str, Any]:
         user.pop("resume")
     if "target_modules" in user:
         user["target_modules"] = _parse_targets(user["target_modules"])
+    from llm_installer.train.preference import check_preference_flags
+
+    check_preference_flags(user)  # --method dpo|orpo -> objective; --beta, --loss-type
     _check_user_values(user)
     if user.get("precision") == "auto":
         user.pop("precision")  # the hardware layer decides, as without the flag
@@ -403,9 +413,14 @@ def apply_user(plan: TrainingPlan, user: Mapping[str, Any]) -> None:
         )
 
 
-def derive_settings(plan: TrainingPlan, hw: Any, info: Any, hparams: HandlerParams) -> None:
+def derive_settings(
+    plan: TrainingPlan, hw: Any, info: Any, hparams: HandlerParams, user: Mapping[str, Any]
+) -> None:
     """Settings that follow from the others: precision, attention, fused LoRA, expert LoRA, alpha,
     --force-epochs and --max-steps 0."""
+    from llm_installer.train.preference import resolve_preference
+
+    resolve_preference(plan, user)  # padded pair batches, before attention is chosen for them
     resolve_precision(plan, hw, info)
     resolve_attention(plan, hw.accelerator, info, hparams)
     if plan.value("method") != "lora":
@@ -471,7 +486,7 @@ def build_plan(
     apply_mode(plan, user.get("mode", "medium"))
     _cap_to_context(plan, info, "mode")
     apply_user(plan, user)
-    derive_settings(plan, hw, info, hparams)
+    derive_settings(plan, hw, info, hparams, user)
     check_plan(plan, hw, info, user)
     return plan
 

@@ -96,6 +96,11 @@ class PlanValues(BaseModel):
     output: Any = Field(None, description="the model folder's lora/")
     resume: Any = Field(None, description="start a new run")
     device: str = Field("cpu", description="no accelerator")
+    # preference training (train/preference.py): the objective beside the adapter kind
+    objective: str = Field("sft", description="supervised: loss on the answers")
+    beta: float = Field(0.1, description="DPO's usual beta (TRL's default); ORPO's odds-ratio weight")
+    loss_type: str | None = Field(None, description="the objective's own loss (sigmoid for DPO)")
+    init_adapter: str | None = Field(None, description="a new adapter")
     expert_lora: str | None = _opt("what fused MoE experts train with")
 
 

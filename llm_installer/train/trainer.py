@@ -243,6 +243,7 @@ def run_training(
     """Train the plan's model on the plan's data; write lora/, runs/<timestamp>/ and return what happened."""
     from llm_installer.chat_format import handler_chat_format
     from llm_installer.train import callbacks as cb
+    from llm_installer.train import preference as pref
     from llm_installer.train.report import generate_with_stops, held_out_prompts
 
     run = setup_process(TrainingPlan.from_dict(plan), console, show_progress)
@@ -257,10 +258,13 @@ def run_training(
     record_run_start(run)
 
     model = load_training_model(plan, run.folder, run.info, run.handler)
+    if plan.value("init_adapter"):  # start from a previous adapter (SFT then DPO)
+        pref.load_init_adapter(model, plan.value("init_adapter"))
     # the template and end-of-turn token the data was rendered with: the report stops where `chat` will
     chat_format = handler_chat_format(run.handler, run.tokenizer)
     report_prompts = int(plan.value("report_prompts") or 0)
-    prompts = held_out_prompts(run.val_set or run.train_set, report_prompts) if run.main else []
+    pick_prompts = pref.report_prompts if pref.is_preference(plan) else held_out_prompts
+    prompts = pick_prompts(run.val_set or run.train_set, report_prompts) if run.main else []
     generate = functools.partial(
         generate_with_stops,
         max_new_tokens=int(plan.value("report_max_new_tokens") or 32),
@@ -324,13 +328,19 @@ def prepare_training_data(run: _Run) -> None:
     """The prepared data (the main process fills the cache, the others read it) and the image-data switch
     to padded batches, recorded in the plan before it is fingerprinted so a resume makes the same choice."""
     from llm_installer.train import distributed
+    from llm_installer.train import preference as pref
 
     plan = run.plan
     try:
         with distributed.main_first():
             rejects = run.run_dir / "rejects.jsonl" if run.main else None
-            run.data = prepare_run_data(plan, run.folder, run.info, run.tokenizer, run.handler, rejects)
-        apply_media_settings(plan, run.data, run.console, run.info)
+            if pref.is_preference(plan):  # DPO/ORPO pairs (train/preference.py); never image data
+                run.data = pref.prepare_preference_data(
+                    plan, run.tokenizer, run.handler, rejects_path=rejects
+                )
+            else:
+                run.data = prepare_run_data(plan, run.folder, run.info, run.tokenizer, run.handler, rejects)
+                apply_media_settings(plan, run.data, run.console, run.info)
     except BaseException:
         if run.resumed_from is None and run.main:  # leave no empty run folder behind
             shutil.rmtree(run.run_dir, ignore_errors=True)
@@ -403,6 +413,7 @@ def build_trainer(run: _Run, model: Any, stats: Any, callbacks: list[Any]) -> An
     from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_callback import ProgressCallback as HFProgress
 
+    from llm_installer.train import preference as pref
     from llm_installer.train.attention import attends_per_example
     from llm_installer.train.collate import PaddedCollator, PaddingFreeCollator
 
@@ -413,14 +424,16 @@ def build_trainer(run: _Run, model: Any, stats: Any, callbacks: list[Any]) -> An
     if attends_per_example(plan.value("attn_implementation")):
         row_tokens *= int(plan.value("batch_size"))
     collator = PaddingFreeCollator(pad_id, row_tokens) if plan.value("packing") else PaddedCollator(pad_id)
-    trainer = _LossTrainer.build(
+    preference = pref.is_preference(plan)
+    build = pref.build_preference_trainer if preference else _LossTrainer.build  # DPO/ORPO on TRL's trainer
+    trainer = build(
         plan,
         stats,
         model=model,
         args=training_arguments(plan, run.run_dir, has_eval=bool(run.val_set)),
         train_dataset=run.train_set,
         eval_dataset=run.val_set or None,
-        data_collator=collator,
+        data_collator=None if preference else collator,  # TRL's pair collator for DPO/ORPO
         processing_class=run.tokenizer,
         callbacks=callbacks,
     )
@@ -506,6 +519,7 @@ def adapter_info_for(
         },
         "handler": getattr(run.handler, "name", type(run.handler).__name__),
         "method": plan.value("method"),
+        "objective": plan.value("objective"),  # sft, dpo or orpo
         "mode": plan.value("mode"),
         "dataset": {"spec": plan.value("data"), **counts},
         "plan": plan.to_dict(),

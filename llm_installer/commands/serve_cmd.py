@@ -253,16 +253,7 @@ def export(
         smoke_target = (merged_dir, None)
     gguf_file = _export_gguf(folder, gguf, quant=quant, lora=lora, no_lora=no_lora, force=force)
     if ollama is not None:
-        modelfile, note = ex.export_ollama(
-            folder, ollama, merged_dir=merged_dir, lora=lora, force=force, gguf_file=gguf_file
-        )
-        console.print(
-            f"Ollama Modelfile: [bold]{modelfile}[/bold]  (ollama create {folder.name.lower()} -f "
-            f"{modelfile})",
-            soft_wrap=True,
-        )
-        if note:
-            err_console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
+        _export_ollama(folder, ollama, merged_dir=merged_dir, lora=lora, force=force, gguf_file=gguf_file)
         if smoke_target is None:
             adapter = None if merged_dir else ex._resolve_lora(folder, lora)
             smoke_target = (folder.model_dir, adapter)
@@ -280,6 +271,20 @@ def export(
         smoke_target = (gguf_file, None)
     if smoke and smoke_target is not None:
         _smoke(folder, lora, *smoke_target)
+
+
+def _export_ollama(folder, out: Path, **kwargs) -> None:
+    """Write the Modelfile (FROM the GGUF, the merged folder, or base + ADAPTER) and say how to create it."""
+    from llm_installer import export as ex
+    from llm_installer.console import console, err_console
+
+    modelfile, note = ex.export_ollama(folder, out, **kwargs)
+    console.print(
+        f"Ollama Modelfile: [bold]{modelfile}[/bold]  (ollama create {folder.name.lower()} -f {modelfile})",
+        soft_wrap=True,
+    )
+    if note:
+        err_console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
 
 
 def _export_gguf(folder, out: Path | None, **kwargs) -> Path | None:

@@ -220,22 +220,16 @@ def list_cmd() -> None:
             overflow="fold",
         )
     for folder in folders:
-        status = store.folder_status(folder)
-        info = None
-        if status != "incomplete":
-            try:
-                info = folder.load_info()
-            except Exception:
-                status = "damaged"
+        row = model_row(folder)
         table.add_row(
-            folder.name,
-            (info.family or "-") if info else "-",
-            _handler_name(info) if info else "-",
-            _params(info.num_parameters) if info else "-",
-            _gb(info.model_size_gb) if info else "-",
-            "yes" if folder.has_adapter else "-",
+            row["name"],
+            row["family"],
+            row["handler"],
+            row["parameters"],
+            row["size"],
+            "yes" if row["adapter"] else "-",
             {"ready": "[green]ready[/green]", "incomplete": "[yellow]incomplete[/yellow]"}.get(
-                status, "[red]damaged[/red]"
+                row["status"], "[red]damaged[/red]"
             ),
         )
     for name in partials:
@@ -243,6 +237,29 @@ def list_cmd() -> None:
     console.print(table)
     if partials:
         console.print("partial: an interrupted install; run the same install command again to resume it")
+
+
+def model_row(folder: Any) -> dict[str, Any]:
+    """One installed model as `list` shows it (and the studio's Models table): name, model id, family,
+    handler, parameters, size, adapter, status ("ready", "incomplete" or "damaged")."""
+    from llm_installer import store
+
+    status, info = store.folder_status(folder), None
+    if status != "incomplete":
+        try:
+            info = folder.load_info()
+        except Exception:
+            status = "damaged"
+    return {
+        "name": folder.name,
+        "model_id": info.model_id if info else None,
+        "family": (info.family or "-") if info else "-",
+        "handler": _handler_name(info) if info else "-",
+        "parameters": _params(info.num_parameters) if info else "-",
+        "size": _gb(info.model_size_gb) if info else "-",
+        "adapter": folder.has_adapter,
+        "status": status,
+    }
 
 
 def show_cmd(

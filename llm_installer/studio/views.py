@@ -15,31 +15,14 @@ from llm_installer.studio import paths
 
 def model_rows() -> list[dict[str, Any]]:
     """`llm-installer list` as rows: name, family, handler, parameters, size, adapter, status."""
-    from llm_installer.commands.store_cmds import _gb, _handler_name, _params
+    from llm_installer.commands.store_cmds import model_row
 
     store.recover_all()
     rows = []
     for folder in store.installed_folders():
         if folder.name == paths.STUDIO_DIR:
             continue
-        status, info = store.folder_status(folder), None
-        if status != "incomplete":
-            try:
-                info = folder.load_info()
-            except Exception:
-                status = "damaged"
-        rows.append(
-            {
-                "name": folder.name,
-                "model_id": info.model_id if info else None,
-                "family": (info.family or "-") if info else "-",
-                "handler": _handler_name(info) if info else "-",
-                "parameters": _params(info.num_parameters) if info else "-",
-                "size": _gb(info.model_size_gb) if info else "-",
-                "adapter": folder.has_adapter,
-                "status": status,
-            }
-        )
+        rows.append(model_row(folder))
     return rows
 
 
